@@ -1,0 +1,168 @@
+"""Checkpoints: safetensors with self-describing string metadata; atomic writes; no pickle.
+
+`model.safetensors` holds the fp32 state_dict and `__metadata__` with format "weat/1", arch,
+num_classes, in_channels, image_size, dataset, method, threat, epoch, config (the resolved
+RunConfig as JSON) and metrics (JSON), so `load` rebuilds the model from the file alone.
+`last.safetensors` adds the optimizer's tensors under `optim/` and a `resume` JSON entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .config import RunConfig, validate
+from .errors import WeatInputError
+
+FORMAT = "weat/1"
+OPTIM_PREFIX = "optim/"
+STATE_PREFIX = "state/"
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Temp file in the same directory + fsync + rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results should be as readable as any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # persist the rename itself
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as contiguous CPU copies (safetensors refuses shared storage)."""
+    from .models import strip_wrappers
+
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in strip_wrappers(model).state_dict().items()}
+
+
+def model_metadata(cfg: RunConfig, *, num_classes: int, in_channels: int, image_size: int, epoch: int,
+                   metrics: dict[str, Any] | None = None) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "weat_version": __version__,
+        "arch": cfg.model.arch,
+        "num_classes": str(num_classes),
+        "in_channels": str(in_channels),
+        "image_size": str(image_size),
+        "dataset": cfg.data.dataset,
+        "method": cfg.train.method,
+        "threat": cfg.attack.threat,
+        "epoch": str(epoch),
+        "config": cfg.to_json(),
+        "metrics": json.dumps(metrics or {}, sort_keys=True),
+    }
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save as st_save
+
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
+
+
+def read(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; any unreadable file is a WeatInputError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeatInputError(f"checkpoint: {path} not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign bytes
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeatInputError(f"checkpoint: {path} is not a readable safetensors file ({reason})") from None
+    return tensors, metadata
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: nn.Module
+    config: RunConfig
+    metadata: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # optim/ and state/ tensors of last.safetensors
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.metadata["in_channels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metadata["epoch"])
+
+
+def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
+    """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
+    from .models import build
+
+    path = Path(path)
+    tensors, meta = read(path)
+    if meta.get("format") != FORMAT:
+        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        cfg = validate(json.loads(meta["config"]), source=f"{path} config")
+        num_classes, in_channels, image_size = (int(meta[k]) for k in ("num_classes", "in_channels", "image_size"))
+        metrics = json.loads(meta.get("metrics") or "{}")
+    except (KeyError, ValueError) as e:
+        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata ({e})") from None
+    model = build(cfg.model.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                  mean=cfg.model.mean, std=cfg.model.std)
+    weights = {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, STATE_PREFIX))}
+    extra = {k: v for k, v in tensors.items() if k.startswith((OPTIM_PREFIX, STATE_PREFIX))}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise WeatInputError(f"checkpoint: {path} does not match arch {cfg.model.arch!r}: {what} tensors")
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise WeatInputError(
+                f"checkpoint: {path}: tensor {k!r} has shape {tuple(v.shape)}, arch {cfg.model.arch!r} expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(weights, strict=True)
+    model.to(device).eval()
+    return Checkpoint(path=path, model=model, config=cfg, metadata=meta, metrics=metrics, extra=extra)

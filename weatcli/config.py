@@ -1,0 +1,377 @@
+"""Run configuration: frozen pydantic sections, TOML presets, flag and `--set` overrides.
+
+A preset is a TOML file with one table per concern ([data], [model], [attack], [train]). The
+resolved RunConfig travels into the run directory (config.toml) and into every checkpoint, so a
+model can be rebuilt from its checkpoint alone. This module imports no torch: `weat presets list`
+and `weat --help` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from datetime import datetime
+from fractions import Fraction as _Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import WeatInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "digits-weat"
+
+# Canonical training methods (losses.py holds the implementations under the same names) and the
+# aliases users type: `weat` is the paper's method, `sat` is what the paper calls PGD-AT.
+METHODS = ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat")
+METHOD_ALIASES = {"weat": "weat-adv", "sat": "pgd-at", "madry": "pgd-at", "mail": "mail-trades", "ce": "standard"}
+
+# Which preset a bare `--dataset NAME` starts from: the paper's recipe for that dataset.
+DATASET_PRESET_PREFIX = {
+    "digits": "digits",
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "svhn": "svhn",
+    "tiny-imagenet": "tinyimagenet",
+}
+
+
+def parse_fraction(value: Any) -> float:
+    """`8/255`, `0.031`, `1e-2` or a number -> float. Rejects non-finite values and division by 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                if float(den) == 0:
+                    raise ValueError
+                out = float(_Fraction(num.strip()) / _Fraction(den.strip()))
+            else:
+                out = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}")
+    if not math.isfinite(out):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return out
+
+
+def _canonical_method(value: Any) -> Any:
+    if isinstance(value, str):
+        key = value.strip().lower().replace("_", "-")
+        return METHOD_ALIASES.get(key, key)
+    return value
+
+
+Frac = Annotated[float, BeforeValidator(parse_fraction)]
+Method = Annotated[Literal[METHODS], BeforeValidator(_canonical_method)]  # type: ignore[valid-type]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: str = Field("digits", description="digits, cifar10, cifar100, svhn, tiny-imagenet or npz:PATH")
+    data_dir: str | None = Field(None, description="dataset root; else $WEAT_DATA_DIR, else ~/.cache/weat/data")
+    download: bool = Field(False, description="allow torchvision's downloaders to fetch a missing dataset")
+    crop_padding: int = Field(4, ge=0, le=64, description="zero padding (pixels) of the random crop; 0 disables")
+    flip: bool = Field(True, description="random horizontal flip (turn off for digits: mirrored digits are other glyphs)")
+
+
+class ModelConfig(_Section):
+    arch: str = Field("small-cnn", description="small-cnn, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10")
+    mean: list[float] | None = Field(None, description="per-channel mean of the Normalize layer inside the model")
+    std: list[float] | None = Field(None, description="per-channel std of the Normalize layer inside the model")
+
+    @model_validator(mode="after")
+    def _mean_std_together(self) -> ModelConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("model.mean and model.std must be given together")
+        if self.mean is not None and (len(self.mean) != len(self.std) or any(s <= 0 for s in self.std)):
+            raise ValueError("model.mean and model.std need the same length and std > 0")
+        return self
+
+
+class AttackConfig(_Section):
+    """The threat model: used by the training attack and by the per-epoch robust evaluation."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Frac = Field(8 / 255, description="radius of the threat ball in [0,1] pixel units, e.g. 8/255")
+    step_size: Frac = Field(2 / 255, description="attack step in [0,1] pixel units")
+    steps: int = Field(10, ge=1, le=10_000, description="attack steps of the training attack")
+    eval_steps: int = Field(20, ge=1, le=10_000, description="PGD steps of the per-epoch robust evaluation")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_range(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"eps must be > 0, got {v:g}")
+        return v
+
+    @field_validator("step_size")
+    @classmethod
+    def _step_positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"step_size must be > 0, got {v:g}")
+        return v
+
+    @model_validator(mode="after")
+    def _linf_eps_at_most_one(self) -> AttackConfig:
+        # Images live in [0,1]: an Linf radius above 1 is meaningless (every image is reachable).
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(f"attack.eps must be in (0, 1] for linf (pixels are in [0,1]), got {self.eps:g}")
+        return self
+
+    @property
+    def threat(self) -> str:
+        return f"{self.norm}:{self.eps:.6g}"
+
+
+class TrainConfig(_Section):
+    method: Method = Field("weat-adv", description="standard, pgd-at, trades, mart, mail-trades, weat-adv, weat-nat")
+    epochs: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["onecycle", "cosine", "multistep", "constant"] = "onecycle"
+    pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction of steps spent warming up")
+    milestones: list[float] = Field([0.5, 0.75], description="multistep: fractions of training where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
+    beta: float = Field(6.0, ge=0, description="weight of the KL term (trades, mart, mail-trades, weat-*)")
+    # MAIL (Liu et al. 2021): w = sigmoid(slope * (PM + bias)) with PM = p_2nd(x*) - p_y(x*), normalised
+    # to mean 1; plain TRADES (w = 1) during the burn-in. Defaults from the MAIL authors' code (?).
+    mail_bias: float = Field(-1.5, description="mail-trades: bias of the probabilistic-margin sigmoid")
+    mail_slope: float = Field(1.0, gt=0, description="mail-trades: slope of the probabilistic-margin sigmoid")
+    mail_burn_in: float = Field(0.6, ge=0, lt=1, description="mail-trades: fraction of epochs of plain TRADES first")
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    select: Literal["best", "last"] = Field("best", description="best: highest held-out robust accuracy")
+    select_after: int = Field(0, ge=0, description="epochs before this one are not candidates for --select best")
+    eval_n: int = Field(1000, ge=1, description="held-out test images for the per-epoch clean/PGD evaluation")
+    energy_n: int = Field(512, ge=1, description="fixed training images whose energies are tracked per epoch")
+    eval_batch_size: int = Field(500, ge=1)
+    out: str | None = Field(None, description="run directory; default runs/<dataset>-<method>-<time>")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be increasing fractions in (0, 1)")
+        return v
+
+
+class RunConfig(_Section):
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def default_run_dir(self, now: datetime | None = None) -> Path:
+        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+        name = self.data.dataset.split(":", 1)[0] if self.data.dataset.startswith("npz:") else self.data.dataset
+        return Path("runs") / f"{name}-{self.train.method}-{stamp}"
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (file in the bundled presets/) or a path to a TOML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise WeatInputError(f"preset: file {str(path)!r} not found")
+        return path
+    bundled = PRESET_DIR / f"{name_or_path}.toml"
+    if not bundled.is_file():
+        raise WeatInputError(
+            f"preset: unknown {name_or_path!r}; expected a .toml path or one of {', '.join(preset_names())}"
+        )
+    return bundled
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise WeatInputError(f"preset: {path}: invalid TOML ({e})") from None
+    except OSError as e:
+        raise WeatInputError(f"preset: cannot read {path}: {e.strerror}") from None
+
+
+def load_preset(name_or_path: str) -> RunConfig:
+    path = preset_path(name_or_path)
+    return validate(read_toml(path), source=str(path))
+
+
+def recipe_for(dataset: str, method: str | None) -> str:
+    """The bundled preset a bare `--dataset [--method]` starts from (the paper's recipe)."""
+    if dataset.startswith("npz:"):
+        prefix = "cifar10"  # CIFAR-style recipe; the model adapts to the file's channels and size
+    else:
+        if dataset not in DATASET_PRESET_PREFIX:
+            raise WeatInputError(
+                f"data.dataset: unknown {dataset!r}; expected one of {', '.join(DATASET_PRESET_PREFIX)} or npz:PATH"
+            )
+        prefix = DATASET_PRESET_PREFIX[dataset]
+    names = set(preset_names())
+    canonical = _canonical_method(method) if method else None
+    for candidate in (f"{prefix}-{canonical}", f"{prefix}-weat-adv", f"{prefix}-weat"):
+        if candidate in names:
+            return candidate
+    raise WeatInputError(f"data.dataset: no bundled recipe for {dataset!r}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _format_validation_error(err: ValidationError, source: str | None) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    prefix = f"{source}: " if source else ""
+    return prefix + "; ".join(parts)
+
+
+def validate(data: dict[str, Any], source: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise WeatInputError(_format_validation_error(e, source)) from None
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`train.lr=0.05` -> (["train", "lr"], 0.05). Values are read as TOML, else taken as strings."""
+    if "=" not in item:
+        raise WeatInputError(f"--set: expected section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [p.strip() for p in key.strip().split(".")]
+    if len(path) != 2 or not all(path):
+        raise WeatInputError(f"--set: expected section.key=value (e.g. train.lr=0.05), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def _deep_merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for p in path[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise WeatInputError(f"--set: {'.'.join(path)}: {p!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def resolve(
+    *,
+    preset: str | None = None,
+    base: RunConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> RunConfig:
+    """Preset (or `base`) <- flag overrides {"section.key": value} <- `--set section.key=value`.
+
+    With no preset but a dataset flag, the dataset's paper recipe is the starting point. When eps
+    is overridden and the step size is not, the step size keeps its ratio to eps (2/255 per 8/255).
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    set_pairs = [parse_set(s) for s in sets or []]
+    set_keys = {".".join(p) for p, _ in set_pairs}
+
+    if base is not None:
+        start = base
+    elif preset is not None:
+        start = load_preset(preset)
+    elif "data.dataset" in overrides:
+        start = load_preset(recipe_for(str(overrides["data.dataset"]), overrides.get("train.method")))
+    else:
+        start = load_preset(DEFAULT_PRESET)
+
+    data = start.to_dict()
+    for key, value in overrides.items():
+        _deep_merge(data, key.split("."), value)
+    for path, value in set_pairs:
+        _deep_merge(data, path, value)
+
+    if ("attack.eps" in overrides or "attack.eps" in set_keys) and not (
+        "attack.step_size" in overrides or "attack.step_size" in set_keys
+    ):
+        try:
+            ratio = start.attack.step_size / start.attack.eps
+            data["attack"]["step_size"] = parse_fraction(data["attack"]["eps"]) * ratio
+        except ValueError:
+            pass  # validation below reports the bad eps with its field name
+    return validate(data, source="config")
+
+
+# ----------------------------------------------------------------------------- TOML writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Flat tables of scalars and lists (what RunConfig holds); None values are left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,159 @@
+"""Training objectives (PAPER.md section 3): `(model, x, y, cfg, *, generator, progress) -> (loss, stats)`.
+
+x is a float batch in [0,1], y its labels; the model is in train mode on entry and on return.
+Each adversarial method first runs its own training attack (`method_attack`) in eval mode with
+frozen weights, computing the natural softmax once per batch (the reference implementations
+recompute it at every attack step). `stats` holds per-batch sums as 0-d tensors so the training
+loop can accumulate them without syncing with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import attack_mode, pgd
+from .config import METHODS, RunConfig
+from .energy import kl_per_example, weat_weights
+
+Stats = dict[str, torch.Tensor]
+Loss = Callable[..., "tuple[torch.Tensor, Stats]"]
+
+# Training attack of each method: (objective, random start). TRADES-style methods ascend the KL
+# from x + 0.001 N(0,1); MART's CE attack starts the same way (Wang et al. 2020); PGD-AT starts
+# uniformly in the ball (Madry et al. 2018). `standard` trains on clean images; its entry is the
+# attack used to track its energies (dE) per epoch.
+METHOD_ATTACK = {
+    "standard": ("ce", "uniform"),
+    "pgd-at": ("ce", "uniform"),
+    "trades": ("kl", "normal"),
+    "mart": ("ce", "normal"),
+    "mail-trades": ("kl", "normal"),
+    "weat-adv": ("kl", "normal"),
+    "weat-nat": ("kl", "normal"),
+}
+
+
+def method_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, generator=None) -> torch.Tensor:
+    """The adversarial points x* a method trains on (eval mode, frozen weights)."""
+    objective, init = METHOD_ATTACK[cfg.train.method]
+    a = cfg.attack
+    with attack_mode(model):
+        p_nat = None
+        if objective == "kl":
+            with torch.no_grad():
+                p_nat = F.softmax(model(x).float(), dim=1)  # once per batch, not once per step
+        return pgd(
+            model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm,
+            objective=objective, init=init, p_nat=p_nat, generator=generator,
+        )
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == y).sum()
+
+
+def standard_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    return loss, {"correct": _correct(logits, y)}
+
+
+def pgd_at_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """Madry et al. 2018: CE on PGD points."""
+    x_adv = method_attack(model, x, y, cfg, generator=generator)
+    logits_adv = model(x_adv)
+    loss = F.cross_entropy(logits_adv.float(), y)
+    return loss, {"adv_correct": _correct(logits_adv, y)}
+
+
+def _trades_terms(model, x, y, cfg, generator):
+    x_adv = method_attack(model, x, y, cfg, generator=generator)
+    logits_nat = model(x)
+    logits_adv = model(x_adv)
+    kl = kl_per_example(logits_adv, F.softmax(logits_nat.float(), dim=1))  # (B,)
+    return logits_nat, logits_adv, kl
+
+
+def trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(.|x) || p(.|x*)), batch mean of the KL."""
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
+    loss = F.cross_entropy(logits_nat.float(), y) + cfg.train.beta * kl.mean()
+    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+
+
+def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """Wang et al. 2020: boosted CE on x* + beta * KL weighted by (1 - p_y(x))."""
+    x_adv = method_attack(model, x, y, cfg, generator=generator)
+    logits_nat = model(x)
+    logits_adv = model(x_adv)
+    p_adv = F.softmax(logits_adv.float(), dim=1)
+    p_nat = F.softmax(logits_nat.float(), dim=1)
+    # The most likely wrong class under attack: its probability is pushed down (the "boost").
+    top2 = p_adv.topk(2, dim=1).indices
+    wrong = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])
+    boosted_ce = F.cross_entropy(logits_adv.float(), y, reduction="none") - torch.log(
+        1.0001 - p_adv.gather(1, wrong[:, None]).squeeze(1) + 1e-12
+    )
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
+    p_true = p_nat.gather(1, y[:, None]).squeeze(1)
+    loss = boosted_ce.mean() + cfg.train.beta * (kl * (1.0000001 - p_true)).mean()
+    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+
+
+def mail_weights(logits_adv: torch.Tensor, y: torch.Tensor, bias: float, slope: float) -> torch.Tensor:
+    """MAIL (Liu et al. 2021): sigmoid(slope * (PM + bias)), PM = max_{k!=y} p_k - p_y on x*,
+    normalised to mean 1 and detached. Examples near or past the boundary weigh most."""
+    with torch.no_grad():
+        p = F.softmax(logits_adv.float(), dim=1)
+        p_true = p.gather(1, y[:, None]).squeeze(1)
+        p_other = p.scatter(1, y[:, None], -1.0).amax(1)
+        w = torch.sigmoid(slope * (p_other - p_true + bias))
+        return w / w.mean()
+
+
+def mail_trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """MAIL-TRADES: CE(f(x), y) + beta * mean_i w_i KL_i with MAIL's probabilistic-margin weights,
+    after a burn-in of plain TRADES (w = 1) for the first `mail_burn_in` of training."""
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
+    t = cfg.train
+    if progress < t.mail_burn_in:
+        w = torch.ones_like(kl)
+    else:
+        w = mail_weights(logits_adv, y, t.mail_bias, t.mail_slope)
+    loss = F.cross_entropy(logits_nat.float(), y) + t.beta * (w * kl).mean()
+    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+
+
+def _weat_loss(model, x, y, cfg: RunConfig, generator, *, ce_on_adversarial: bool):
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
+    w = weat_weights(logits_nat)  # 1/softplus(|E(x)|) from natural logits, detached, not renormalised
+    ce_logits = logits_adv if ce_on_adversarial else logits_nat
+    ce = F.cross_entropy(ce_logits.float(), y, reduction="none")
+    loss = (w * ce).mean() + cfg.train.beta * (w * kl).mean()
+    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+
+
+def weat_adv_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """WEAT-adv (the paper's method): mean_i w_i CE(f(x*_i), y_i) + beta * mean_i w_i KL_i."""
+    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=True)
+
+
+def weat_nat_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """WEAT-nat: mean_i w_i CE(f(x_i), y_i) + beta * mean_i w_i KL_i."""
+    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=False)
+
+
+LOSSES: dict[str, Loss] = {
+    "standard": standard_loss,
+    "pgd-at": pgd_at_loss,
+    "trades": trades_loss,
+    "mart": mart_loss,
+    "mail-trades": mail_trades_loss,
+    "weat-adv": weat_adv_loss,
+    "weat-nat": weat_nat_loss,
+}
+assert tuple(LOSSES) == METHODS and tuple(METHOD_ATTACK) == METHODS

@@ -1,0 +1,418 @@
+"""The training loop: schedule, precision, per-epoch evaluation and energy tracking, model
+selection, exact resume.
+
+Randomness: the model is initialised from `train.seed`; every epoch draws its shuffling, crops,
+flips and attack starts from its own generator seeded by (seed, epoch), so a resumed run replays
+exactly what an uninterrupted one would have done. A stop requested mid-epoch (Ctrl-C) saves the
+generator state and the epoch's running sums with the weights, and resumes from that batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from .attacks import attack_mode, pgd, predict
+from .config import RunConfig
+from .energy import energy_stats
+from .errors import WeatInputError, WeatRunError
+from .losses import LOSSES, method_attack
+from .models import ARCHS, build
+
+EventFn = Callable[[str, dict[str, Any]], None]
+SYNC_EVERY = 10  # batches between host syncs (progress display and the non-finite-loss check)
+LOCK_NAME = ".lock"
+
+
+class Interrupt:
+    """Set `.requested` (e.g. from a SIGINT handler) to stop after the current batch and save."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, run_dir: Path, epoch: int, batch: int) -> None:
+        super().__init__(f"interrupted at epoch {epoch} batch {batch}; resume with: weat train --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path
+    run_dir: Path
+    clean_accuracy: float
+    robust_accuracy: float
+    epochs: int
+    best_epoch: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "run_dir": str(self.run_dir),
+            "clean_accuracy": self.clean_accuracy,
+            "robust_accuracy": self.robust_accuracy,
+            "epochs": self.epochs,
+            "best_epoch": self.best_epoch,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WeatInputError(f"train.device: {name!r} requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _seed(seed: int, *parts: int) -> int:
+    """Deterministic 63-bit seed for a (seed, epoch, purpose) tuple."""
+    h = seed & 0xFFFFFFFF
+    for p in parts:
+        h = (h * 6364136223846793005 + p + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def generator_for(device: torch.device, seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(_seed(seed, *parts))
+    return g
+
+
+def lr_at(step: int, total: int, cfg: RunConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`, stepped per batch.
+
+    onecycle follows torch's OneCycleLR with cosine annealing and its defaults (start at lr/25,
+    end at lr/25/1e4), without momentum cycling: momentum stays at train.momentum.
+    """
+    t = cfg.train
+    frac = step / max(total, 1)
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if t.schedule == "multistep":
+        return t.lr * t.gamma ** sum(frac >= m for m in t.milestones)
+    initial, final = t.lr / 25.0, t.lr / 25.0 / 1e4
+    up = max(t.pct_start * total - 1, 1.0)
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * min(max(pct, 0.0), 1.0)) + 1)
+
+    if step <= up:
+        return anneal(initial, t.lr, step / up)
+    return anneal(t.lr, final, (step - up) / max(total - 1 - up, 1.0))
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.no_grad()
+def _mean(t: torch.Tensor) -> float:
+    return float(t.float().mean()) if t.numel() else float("nan")
+
+
+def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, generator) -> dict[str, float]:
+    """Clean and PGD robust accuracy (CE, uniform start, attack.eval_steps) in eval mode, fp32."""
+    a, bs = cfg.attack, cfg.train.eval_batch_size
+    clean = robust = 0
+    with attack_mode(model):
+        for i in range(0, len(x_u8), bs):
+            x, yb = data_mod.to_float(x_u8[i : i + bs]), y[i : i + bs]
+            with torch.no_grad():
+                clean += int((model(x).argmax(1) == yb).sum())
+            x_adv = pgd(model, x, yb, eps=a.eps, step_size=a.step_size, steps=a.eval_steps, norm=a.norm,
+                        objective="ce", init="uniform", generator=generator)
+            with torch.no_grad():
+                robust += int((model(x_adv).argmax(1) == yb).sum())
+    n = max(len(x_u8), 1)
+    return {"clean_accuracy": clean / n, "robust_accuracy": robust / n}
+
+
+def track_energies(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, generator) -> dict[str, float]:
+    """Mean E(x), E(x*), dE(x), and the joint versions on a fixed training subset, x* being the
+    method's own training attack. The raw material of the paper's three phases."""
+    bs = cfg.train.eval_batch_size
+    parts: list[dict[str, torch.Tensor]] = []
+    for i in range(0, len(x_u8), bs):
+        x, yb = data_mod.to_float(x_u8[i : i + bs]), y[i : i + bs]
+        x_adv = method_attack(model, x, yb, cfg, generator=generator)
+        with attack_mode(model):
+            parts.append(energy_stats(predict(model, x), predict(model, x_adv), yb))
+    return {k: _mean(torch.cat([p[k] for p in parts])) for k in parts[0]}
+
+
+class _RunLock:
+    """An exclusive lock on the run directory: a second `weat train` there refuses to start."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> _RunLock:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise WeatInputError(f"run directory {self.path.parent} is in use by another weat train") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    if cfg.train.out:
+        run_dir = Path(cfg.train.out)
+        if (run_dir / "last.safetensors").exists() or (run_dir / "model.safetensors").exists():
+            raise WeatInputError(
+                f"train.out: {run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
+            )
+    else:
+        base = cfg.default_run_dir()
+        run_dir, k = base, 1
+        while run_dir.exists():  # two runs started in the same second never share a directory
+            k += 1
+            run_dir = base.with_name(f"{base.name}-{k}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeatRunError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                out[f"{ckpt.OPTIM_PREFIX}{idx}/{name}"] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor], device) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in extra.items():
+        if key.startswith(ckpt.OPTIM_PREFIX):
+            idx, name = key[len(ckpt.OPTIM_PREFIX) :].split("/", 1)
+            state.setdefault(int(idx), {})[name] = value.to(device)
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(
+    cfg: RunConfig,
+    *,
+    resume: Path | None = None,
+    on_event: EventFn | None = None,
+    interrupt: Interrupt | None = None,
+) -> FitResult:
+    """Train `cfg`'s model with its method; write the run directory; return the selected model.
+
+    resume: a run directory (or its last.safetensors) to continue; its stored config is used.
+    on_event(kind, payload): "start", "batch" (every SYNC_EVERY batches), "epoch" (metrics row).
+    """
+    emit = on_event or (lambda kind, payload: None)
+    interrupt = interrupt or Interrupt()
+    state: dict[str, Any] = {}
+    resumed = None
+    if resume is not None:
+        resume = Path(resume)
+        last = resume if resume.suffix == ".safetensors" else resume / "last.safetensors"
+        if not last.is_file():
+            raise WeatInputError(f"--resume: {last} not found (expected a run directory written by weat train)")
+        resumed = ckpt.load(last)
+        cfg = resumed.config
+        run_dir = last.parent
+        try:
+            state = json.loads(resumed.metadata["resume"])
+        except (KeyError, ValueError):
+            raise WeatInputError(f"--resume: {last} has no resume state (is it a model.safetensors?)") from None
+
+    t = cfg.train
+    if cfg.model.arch not in ARCHS:
+        raise WeatInputError(f"model.arch: unknown {cfg.model.arch!r}; expected one of {', '.join(ARCHS)}")
+    device = resolve_device(t.device)
+    dataset = data_mod.load(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, device=device)
+    if resume is None:
+        run_dir = _new_run_dir(cfg)
+
+    with _RunLock(run_dir):
+        return _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit, interrupt)
+
+
+def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt) -> FitResult:
+    t, a = cfg.train, cfg.attack
+    torch.manual_seed(t.seed)  # model initialisation only; everything else uses explicit generators
+    model = build(cfg.model.arch, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
+                  image_size=dataset.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                nesterov=t.nesterov, foreach=True)
+    loss_fn = LOSSES[t.method]
+    meta_common = dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size)
+
+    n_train = len(dataset.train_x)
+    batch_size = min(t.batch_size, n_train)
+    batches = n_train // batch_size  # drop the ragged last batch: fixed shapes every step
+    total_steps = batches * t.epochs
+    eval_x, eval_y = dataset.test_x[: t.eval_n], dataset.test_y[: t.eval_n]
+    energy_x, energy_y = dataset.train_x[: t.energy_n], dataset.train_y[: t.energy_n]
+
+    start_epoch, start_batch = 0, 0
+    sums: dict[str, torch.Tensor] = {}
+    best = {"robust_accuracy": -1.0, "epoch": 0, "clean_accuracy": 0.0}
+    gen_state = None
+    if resumed is not None:
+        model.load_state_dict(resumed.model.state_dict())
+        _restore_optimizer(optimizer, resumed.extra, device)
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        best = state["best"]
+        sums = {k[len(ckpt.STATE_PREFIX) + 4 :]: v.to(device) for k, v in resumed.extra.items()
+                if k.startswith(ckpt.STATE_PREFIX + "sum/")}
+        gen_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
+    metrics_path = run_dir / "metrics.jsonl"
+    history = _read_metrics(metrics_path, start_epoch)
+    ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def save_last(epoch: int, batch: int, generator: torch.Generator | None) -> None:
+        tensors = ckpt.state_dict_of(model)
+        tensors.update(_optimizer_tensors(optimizer))
+        if batch:  # mid-epoch: the epoch's generator and running sums make the replay exact
+            tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
+            tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in sums.items()})
+        meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=history[-1] if history else {}, **meta_common)
+        meta["resume"] = json.dumps({"epoch": epoch, "batch": batch, "best": best})
+        _write_checkpoint(run_dir / "last.safetensors", tensors, meta)
+
+    emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": batches, "start_epoch": start_epoch,
+                   "device": str(device), "method": t.method, "dataset": cfg.data.dataset})
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, t.epochs):
+        e0 = time.perf_counter()
+        g = generator_for(device, t.seed, epoch)
+        perm = torch.randperm(n_train, generator=g, device=device)
+        if epoch == start_epoch and start_batch:
+            g.set_state(gen_state.to(g.get_state().device))
+        else:
+            sums = {}
+        model.train()
+        for b in range(start_batch if epoch == start_epoch else 0, batches):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            x = data_mod.augment(dataset.train_x[idx], generator=g, padding=cfg.data.crop_padding, flip=cfg.data.flip)
+            y = dataset.train_y[idx]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(epoch * batches + b, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device, t.precision):
+                loss, stats = loss_fn(model, x, y, cfg, generator=g, progress=epoch / t.epochs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=device), **stats}
+            for k, v in stats.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.detach().float().clone()
+            if (b + 1) % SYNC_EVERY == 0 or b + 1 == batches:
+                running = float(sums["loss"] / sums["n"])
+                if not math.isfinite(running):
+                    raise WeatRunError(
+                        f"non-finite loss at epoch {epoch + 1} batch {b + 1}; the last good checkpoint is kept in {run_dir}"
+                    )
+                emit("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": batches, "loss": running, "lr": lr})
+            if interrupt.requested:
+                if b + 1 < batches:
+                    save_last(epoch, b + 1, g)
+                else:
+                    break  # the epoch is complete: finish it normally, then stop below
+                raise TrainingInterrupted(run_dir, epoch + 1, b + 1)
+        start_batch = 0
+        train_seconds = time.perf_counter() - e0
+
+        eval_gen = generator_for(device, t.seed, 1_000_003)  # the same attack starts every epoch
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * batches - 1, total_steps, cfg)}
+        n = float(sums["n"])
+        row["train_loss"] = float(sums["loss"]) / n
+        if "correct" in sums:
+            row["train_accuracy"] = float(sums["correct"]) / n
+        if "adv_correct" in sums:
+            row["train_adv_accuracy"] = float(sums["adv_correct"]) / n
+        if "weight" in sums:
+            row["mean_weight"] = float(sums["weight"]) / n
+        row.update(evaluate(model, eval_x, eval_y, cfg, generator=eval_gen))
+        row.update(track_energies(model, energy_x, energy_y, cfg, generator=eval_gen))
+        row["seconds"] = round(time.perf_counter() - e0, 3)
+        row["train_seconds"] = round(train_seconds, 3)
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise WeatRunError(f"non-finite weights ({bad[0]}) after epoch {epoch + 1}; the last good checkpoint is kept in {run_dir}")
+        history.append(row)
+        ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+        last_epoch = epoch + 1 == t.epochs
+        eligible = epoch + 1 > t.select_after or (last_epoch and best["epoch"] == 0)
+        improved = row["robust_accuracy"] > best["robust_accuracy"]
+        if t.select == "last" or (eligible and improved) or (last_epoch and best["epoch"] == 0):
+            best = {"robust_accuracy": row["robust_accuracy"], "epoch": epoch + 1, "clean_accuracy": row["clean_accuracy"]}
+            meta = ckpt.model_metadata(cfg, epoch=epoch + 1, metrics=row, **meta_common)
+            _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
+        save_last(epoch + 1, 0, None)
+        emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": best["epoch"]})
+        if interrupt.requested:
+            raise TrainingInterrupted(run_dir, epoch + 1, batches)
+
+    return FitResult(
+        checkpoint=run_dir / "model.safetensors",
+        run_dir=run_dir,
+        clean_accuracy=best["clean_accuracy"],
+        robust_accuracy=best["robust_accuracy"],
+        epochs=t.epochs,
+        best_epoch=best["epoch"],
+        seconds=time.perf_counter() - t0,
+        history=history,
+    )
+
+
+def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    try:
+        ckpt.save(path, tensors, meta)
+    except OSError as e:
+        raise WeatRunError(f"cannot write {path}: {e.strerror}; earlier checkpoints are intact") from None
