@@ -297,7 +297,7 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
 
     start_epoch, start_batch = 0, 0
     sums: dict[str, torch.Tensor] = {}
-    best = {"robust_accuracy": -1.0, "epoch": 0, "clean_accuracy": 0.0}
+    best: dict[str, Any] = {"robust_accuracy": -1.0, "epoch": 0, "clean_accuracy": 0.0, "score": -1.0}
     gen_state = None
     if resumed is not None:
         model.load_state_dict(resumed.model.state_dict())
@@ -389,9 +389,12 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
 
         last_epoch = epoch + 1 == t.epochs
         eligible = epoch + 1 > t.select_after or (last_epoch and best["epoch"] == 0)
-        improved = row["robust_accuracy"] > best["robust_accuracy"]
+        # A standard model has ~0 robust accuracy everywhere: select it on clean accuracy instead.
+        key = "clean_accuracy" if t.method == "standard" else "robust_accuracy"
+        improved = row[key] > best.get("score", -1.0)
         if t.select == "last" or (eligible and improved) or (last_epoch and best["epoch"] == 0):
-            best = {"robust_accuracy": row["robust_accuracy"], "epoch": epoch + 1, "clean_accuracy": row["clean_accuracy"]}
+            best = {"robust_accuracy": row["robust_accuracy"], "epoch": epoch + 1, "clean_accuracy": row["clean_accuracy"],
+                    "score": row[key]}
             meta = ckpt.model_metadata(cfg, epoch=epoch + 1, metrics=row, **meta_common)
             _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
         save_last(epoch + 1, 0, None)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs and datasets written in their real on-disk formats."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weatcli import config as config_mod
+
+torch.set_num_threads(2)
+
+
+def write_cifar10(root: Path, per_batch: int = 20, test: int = 20, seed: int = 0) -> Path:
+    """torchvision's CIFAR-10 python-pickle layout: root/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        # Class-dependent brightness so a model can learn something in an epoch.
+        x = rng.integers(0, 80, (n, 3, 32, 32)).astype(np.uint8) + (np.array(labels) * 17).astype(np.uint8)[:, None, None, None]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": x.reshape(n, 3072), b"labels": labels, b"batch_label": name.encode()}, f)
+    return root
+
+
+@pytest.fixture
+def cifar10_root(tmp_path) -> Path:
+    return write_cifar10(tmp_path / "data")
+
+
+def tiny_config(tmp_path: Path | None = None, **sets) -> config_mod.RunConfig:
+    """The digits preset shrunk to seconds: few epochs, a 2-step attack, small evaluation sets."""
+    overrides = {
+        "train.epochs": 2, "train.batch_size": 128, "train.eval_n": 64, "train.energy_n": 64,
+        "attack.steps": 2, "attack.eval_steps": 3, "train.device": "cpu",
+    }
+    if tmp_path is not None:
+        overrides["train.out"] = str(tmp_path / "run")
+    overrides.update(sets)
+    return config_mod.resolve(preset="digits-weat", overrides=overrides)
