@@ -235,7 +235,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor
 
 
 def fit(
-    cfg: RunConfig,
+    cfg: RunConfig | None,
     *,
     resume: Path | None = None,
     on_event: EventFn | None = None,
@@ -243,7 +243,8 @@ def fit(
 ) -> FitResult:
     """Train `cfg`'s model with its method; write the run directory; return the selected model.
 
-    resume: a run directory (or its last.safetensors) to continue; its stored config is used.
+    resume: a run directory (or its last.safetensors) to continue; its stored config is used
+    (cfg may then be None).
     on_event(kind, payload): "start", "batch" (every SYNC_EVERY batches), "epoch" (metrics row).
     """
     emit = on_event or (lambda kind, payload: None)
@@ -262,6 +263,8 @@ def fit(
             state = json.loads(resumed.metadata["resume"])
         except (KeyError, ValueError):
             raise WeatInputError(f"--resume: {last} has no resume state (is it a model.safetensors?)") from None
+    elif cfg is None:
+        raise ValueError("fit() needs a config unless it resumes a run")
 
     t = cfg.train
     if cfg.model.arch not in ARCHS:
