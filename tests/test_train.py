@@ -185,3 +185,22 @@ def test_missing_dataset_is_bad_input(tmp_path):
     with pytest.raises(WeatInputError, match="cifar-10-batches-py"):
         fit(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_select_energy_holds_the_epoch_before_phase_3(tmp_path, monkeypatch):
+    # Phase 3 "detected" once 3 epochs exist, starting at epoch 3: the model must be epoch 2's.
+    monkeypatch.setattr(train, "energy_select_epoch", lambda rows: 2 if len(rows) >= 3 else None)
+    monkeypatch.setattr(train, "SNAPSHOTS", 2)
+    result = fit(tiny_config(tmp_path, **{"train.epochs": 4, "train.select": "energy"}))
+    run = tmp_path / "run"
+    assert result.best_epoch == 2 and ckpt.load(run / "model.safetensors").epoch == 2
+    snap = _weights(run / "model.safetensors")
+    # The held checkpoint is epoch 2's weights, not a later epoch's.
+    assert not all(torch.equal(snap[k], v) for k, v in _weights(run / "last.safetensors").items() if k in snap)
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["epoch-0003.safetensors", "epoch-0004.safetensors"]
+
+
+def test_select_energy_without_phase_3_keeps_the_latest_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "energy_select_epoch", lambda rows: None)
+    result = fit(tiny_config(tmp_path, **{"train.epochs": 2, "train.select": "energy"}))
+    assert result.best_epoch == 2 and ckpt.load(result.checkpoint).epoch == 2

@@ -162,7 +162,11 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = "fp32"
-    select: Literal["best", "last"] = Field("best", description="best: highest held-out robust accuracy (clean accuracy for method standard)")
+    select: Literal["best", "last", "energy"] = Field(
+        "best",
+        description="best: highest held-out robust accuracy (clean accuracy for method standard); "
+        "energy: the epoch just before phase 3 (robust overfitting), read from dE(x) alone",
+    )
     select_after: int = Field(0, ge=0, description="epochs before this one are not candidates for --select best")
     eval_n: int = Field(1000, ge=1, description="held-out test images for the per-epoch clean/PGD evaluation")
     energy_n: int = Field(512, ge=1, description="fixed training images whose energies are tracked per epoch")

@@ -28,10 +28,14 @@ from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
 from .losses import LOSSES, method_attack
 from .models import ARCHS, build
+from .phases import energy_select_epoch
 
 EventFn = Callable[[str, dict[str, Any]], None]
 SYNC_EVERY = 10  # batches between host syncs (progress display and the non-finite-loss check)
 LOCK_NAME = ".lock"
+# --select energy: phase 3 is confirmed some epochs after it starts (phases.py: smoothing window,
+# sustained excursion), so the last SNAPSHOTS epochs stay on disk until it is.
+SNAPSHOTS = 16
 
 
 class Interrupt:
@@ -390,16 +394,10 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         history.append(row)
         ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
-        last_epoch = epoch + 1 == t.epochs
-        eligible = epoch + 1 > t.select_after or (last_epoch and best["epoch"] == 0)
-        # A standard model has ~0 robust accuracy everywhere: select it on clean accuracy instead.
-        key = "clean_accuracy" if t.method == "standard" else "robust_accuracy"
-        improved = row[key] > best.get("score", -1.0)
-        if t.select == "last" or (eligible and improved) or (last_epoch and best["epoch"] == 0):
-            best = {"robust_accuracy": row["robust_accuracy"], "epoch": epoch + 1, "clean_accuracy": row["clean_accuracy"],
-                    "score": row[key]}
-            meta = ckpt.model_metadata(cfg, epoch=epoch + 1, metrics=row, **meta_common)
-            _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
+        if t.select == "energy":
+            best = _select_by_energy(run_dir, model, cfg, history, best, meta_common)
+        else:
+            best = _select_by_accuracy(run_dir, model, cfg, row, best, meta_common)
         save_last(epoch + 1, 0, None)
         emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": best["epoch"]})
         if interrupt.requested:
@@ -415,6 +413,52 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         seconds=time.perf_counter() - t0,
         history=history,
     )
+
+
+def _select_by_accuracy(run_dir: Path, model: nn.Module, cfg: RunConfig, row: dict[str, Any],
+                        best: dict[str, Any], meta_common: dict[str, int]) -> dict[str, Any]:
+    """--select best|last. best: the highest held-out robust accuracy after `select_after` epochs
+    (a standard model has ~0 robust accuracy everywhere: it is selected on clean accuracy)."""
+    t, epoch = cfg.train, row["epoch"]
+    last_epoch = epoch == t.epochs
+    key = "clean_accuracy" if t.method == "standard" else "robust_accuracy"
+    eligible = epoch > t.select_after
+    improved = row[key] > best.get("score", -1.0)
+    if t.select == "last" or (eligible and improved) or (last_epoch and best["epoch"] == 0):
+        meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=row, **meta_common)
+        _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
+        return {"robust_accuracy": row["robust_accuracy"], "epoch": epoch, "clean_accuracy": row["clean_accuracy"],
+                "score": row[key]}
+    return best
+
+
+def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: list[dict[str, Any]],
+                      best: dict[str, Any], meta_common: dict[str, int]) -> dict[str, Any]:
+    """--select energy: model.safetensors follows the latest epoch until phase 3 is detected in the
+    dE(x) series, then holds the epoch just before it. No held-out accuracy is consulted."""
+    row = history[-1]
+    epoch = row["epoch"]
+    snap_dir = run_dir / "snapshots"
+    snap_dir.mkdir(exist_ok=True)
+    meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=row, **meta_common)
+    _write_checkpoint(snap_dir / f"epoch-{epoch:04d}.safetensors", ckpt.state_dict_of(model), meta)
+    for old in sorted(snap_dir.glob("epoch-*.safetensors"))[:-SNAPSHOTS]:
+        old.unlink()
+    if best.get("fixed"):
+        return best
+    chosen = energy_select_epoch(history)
+    if chosen is None:  # no phase 3 yet: the latest epoch is the candidate
+        _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
+        return {"epoch": epoch, "robust_accuracy": row["robust_accuracy"], "clean_accuracy": row["clean_accuracy"], "score": 0.0}
+    snaps = sorted(snap_dir.glob("epoch-*.safetensors"))
+    # The snapshot of the chosen epoch, or the oldest one kept if detection lagged beyond the ring.
+    pick = next((p for p in snaps if int(p.stem.split("-")[1]) >= chosen), snaps[0])
+    tensors, meta = ckpt.read(pick)
+    _write_checkpoint(run_dir / "model.safetensors", tensors, meta)
+    chosen_row = next(r for r in history if r["epoch"] == int(meta["epoch"]))
+    return {"epoch": chosen_row["epoch"], "robust_accuracy": chosen_row["robust_accuracy"],
+            "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, "fixed": True,
+            "phase3_detected_at": epoch}
 
 
 def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
