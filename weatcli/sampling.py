@@ -1,0 +1,625 @@
+"""Generation from a robust classifier: SGLD with momentum on the joint energy (PAPER.md section 5).
+
+    v_0 = 0;  v_{n+1} = zeta * v_n - (eta / 2) * grad_x E(x_n, y)
+    x_{n+1} = clip_[0,1](x_n + v_{n+1} + alpha * noise),  noise ~ N(0, sigma^2)
+
+with E(x, y) = -f(x)_y, the model in eval mode with frozen weights. zeta = 0 is plain SGLD;
+alpha defaults to sqrt(2 * eta). Starting points (`INITS`): uniform U(0,1); informative
+N(mu_c, Sigma_c + 1e-4 I); the paper's class-wise PCA; a real training image plus Gaussian noise.
+Optional energy-adaptive stopping freezes a sample once E(x, y) has come within a threshold of the
+class-mean E(x, y) of the training data.
+
+Engine rules (DESIGN.md): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
+garbage collection or cache emptying inside the step loop; randomness from explicit generators.
+Class statistics (means and per-class SVDs of the training images) are computed once per dataset
+and cached as safetensors under `cache_dir()/stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .energy import joint_energy
+from .errors import WeatInputError
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+INITS = ("uniform", "informative", "pca", "noise")
+INFORMATIVE_JITTER = 1e-4  # Sigma_c + 1e-4 I: keeps the Gaussian proper where a class has no variance
+# The cached per-class SVD keeps the leading components holding this fraction of the class variance;
+# the rest (1e-4 of it) is far below the 1e-4 * D of the informative jitter, so the informative
+# Gaussian is unchanged to that precision, and --pca-variance may go up to this value.
+SVD_KEEP = 0.9999
+STATS_FORMAT = "weat-class-stats/1"
+SAMPLES_FORMAT = "weat-samples/1"
+GRID_COLUMNS = 10  # samples per class shown in the grid
+
+# Defaults, chosen on the digits models made by `weat train` (README: sampling); the paper uses
+# eta 0.025..1 depending on model and init, sigma 0.001, zeta 0 or 0.8, 20..500 steps.
+DEFAULT_STEPS = 200
+DEFAULT_STEP_SIZE = 0.1  # eta, in [0,1] pixel units per unit of energy gradient
+DEFAULT_NOISE = 0.001  # sigma
+DEFAULT_INIT = "informative"
+DEFAULT_PCA_VARIANCE = 0.9  # r: fraction of a class's variance the PCA init keeps
+DEFAULT_PCA_SIGMA = 0.005  # sigma_pca, scales the singular values of the centred class data
+DEFAULT_INIT_NOISE = 0.1  # std of the Gaussian noise added to a real image by the noise init
+DEFAULT_N_PER_CLASS = 10
+ENERGY_IMAGES_PER_CLASS = 1000  # training images per class behind the class-mean E(x, y)
+
+
+def cache_dir() -> Path:
+    """$WEAT_CACHE_DIR, else ~/.cache/weat."""
+    return Path(os.environ.get("WEAT_CACHE_DIR") or "~/.cache/weat").expanduser()
+
+
+# ----------------------------------------------------------------------------- SGLD
+
+
+@dataclass
+class SGLDOutput:
+    x: torch.Tensor  # (B, C, H, W) float in [0, 1], detached
+    energy_initial: torch.Tensor  # (B,) E(x_0, y)
+    steps_taken: torch.Tensor  # (B,) int64: steps that moved the sample (< steps once stopped early)
+
+
+def sgld(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    step_size: float,
+    momentum: float = 0.0,
+    noise: float = DEFAULT_NOISE,
+    alpha: float | None = None,
+    stop_energy: torch.Tensor | None = None,
+    threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> SGLDOutput:
+    """`steps` SGLD steps with momentum on E(x, y) = -f(x)_y from x (B, C, H, W) in [0, 1].
+
+    step_size is eta, momentum zeta, noise sigma; alpha defaults to sqrt(2 * eta). Every step draws
+    one standard normal tensor of x's shape from `generator` (so a caller can replay the noise).
+    The caller puts the model in eval mode with frozen weights (attacks.attack_mode).
+    Adaptive stopping: with `stop_energy` (B,) and `threshold`, a sample stops for good at the
+    first step where E(x_n, y) <= stop_energy + threshold (it has come within the threshold of the
+    class-mean energy, or below it); a per-sample mask, so the loop never waits for the host.
+    `on_step(n)` is called after step n with a Python int (no device sync).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    a = math.sqrt(2.0 * step_size) if alpha is None else alpha
+    noise_scale = a * noise  # alpha * N(0, sigma^2) = (alpha * sigma) * N(0, 1)
+    half_eta = 0.5 * step_size
+    adaptive = stop_energy is not None and threshold is not None
+    x = x.detach().clone()
+    v = torch.zeros_like(x)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    taken = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    limit = stop_energy + threshold if adaptive else None
+    e_init = None
+    for n in range(steps):
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            e = joint_energy(model(x), y)  # (B,); samples are independent in eval mode
+            (grad,) = torch.autograd.grad(e.sum(), x)
+        with torch.no_grad():
+            x = x.detach()
+            e = e.detach()
+            if e_init is None:
+                e_init = e
+            v = momentum * v - half_eta * grad
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            moved = (x + v + noise_scale * eps).clamp_(0.0, 1.0)
+            if adaptive:
+                done = done | (e <= limit)
+                x = torch.where(done.view(-1, 1, 1, 1), x, moved)
+            else:
+                x = moved
+            taken += ~done
+        if on_step is not None:
+            on_step(n + 1)
+    if e_init is None:
+        with torch.no_grad():
+            e_init = joint_energy(model(x), y)
+    return SGLDOutput(x=x, energy_initial=e_init, steps_taken=taken)
+
+
+def fused_for_sampling(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with each BatchNorm folded into the convolution before it
+    (torch.fx): the same function of x with fewer ops per SGLD step (~1.5x on the CPU digits model).
+    The model itself (in eval mode) when it cannot be traced."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(model).eval(), inplace=True)
+    except Exception:  # untraceable forward (data-dependent control flow): sample with the model as is
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------- class statistics
+
+
+@dataclass
+class ClassStats:
+    """Per-class statistics of training images flattened to D = C*H*W values in [0, 1].
+
+    components[c, :rank[c]] are the principal directions of class c (rows, unit norm), singular[c]
+    the singular values of its centred data matrix (zero-padded past rank[c]).
+    """
+
+    mean: torch.Tensor  # (K, D) float32
+    count: torch.Tensor  # (K,) int64: training images per class
+    singular: torch.Tensor  # (K, R) float32
+    components: torch.Tensor  # (K, R, D) float32
+    rank: torch.Tensor  # (K,) int64
+    shape: tuple[int, int, int]  # (C, H, W)
+
+    def to(self, device: torch.device) -> ClassStats:
+        return ClassStats(self.mean.to(device), self.count.to(device), self.singular.to(device),
+                          self.components.to(device), self.rank.to(device), self.shape)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def compute_class_stats(x_u8: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassStats:
+    """Means and truncated SVDs (SVD_KEEP of each class's variance) of (N, C, H, W) images,
+    uint8 or float in [0, 1]."""
+    n, c, h, w = x_u8.shape
+    d = c * h * w
+    scale = 255.0 if x_u8.dtype == torch.uint8 else 1.0
+    means = torch.zeros(num_classes, d, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    svals, comps = [], []
+    for k in range(num_classes):
+        xk = x_u8[y == k].reshape(-1, d).to(torch.float64) / scale  # (n_k, D)
+        counts[k] = len(xk)
+        if len(xk) == 0:
+            svals.append(torch.zeros(0, dtype=torch.float64))
+            comps.append(torch.zeros(0, d, dtype=torch.float64))
+            continue
+        means[k] = xk.mean(0)
+        _, s, vh = torch.linalg.svd(xk - means[k], full_matrices=False)
+        var = s.square()
+        total = var.sum()
+        if total > 0:
+            keep = int(torch.searchsorted(var.cumsum(0) / total, torch.tensor(SVD_KEEP, dtype=torch.float64))) + 1
+        else:
+            keep = 0
+        keep = min(keep, len(s))
+        svals.append(s[:keep])
+        comps.append(vh[:keep])
+    r = max(1, max(len(s) for s in svals))
+    singular = torch.zeros(num_classes, r)
+    components = torch.zeros(num_classes, r, d)
+    for k, (s, v) in enumerate(zip(svals, comps)):
+        singular[k, : len(s)] = s.float()
+        components[k, : len(s)] = v.float()
+    rank = torch.tensor([len(s) for s in svals], dtype=torch.int64)
+    return ClassStats(means.float(), counts, singular, components, rank, (c, h, w))
+
+
+def class_stats(x_u8: torch.Tensor, y: torch.Tensor, num_classes: int, *, name: str,
+                on_event: EventFn | None = None) -> ClassStats:
+    """compute_class_stats, cached in cache_dir()/stats/<name>-<hash>.safetensors (by content)."""
+    from . import checkpoint as ckpt_mod
+
+    emit = on_event or (lambda kind, payload: None)
+    key = _digest(x_u8, y)[:16]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.split(":", 1)[0])[:40] or "dataset"
+    path = cache_dir() / "stats" / f"{safe}-{key}.safetensors"
+    if path.is_file():
+        try:
+            t, meta = ckpt_mod.read(path)
+            if meta.get("format") == STATS_FORMAT and int(meta.get("num_classes", -1)) == num_classes:
+                shape = tuple(json.loads(meta["shape"]))
+                return ClassStats(t["mean"], t["count"], t["singular"], t["components"], t["rank"], shape)
+        except (WeatInputError, KeyError, ValueError):
+            pass  # a damaged cache entry is recomputed and overwritten
+    emit("stats", {"dataset": name, "path": str(path)})
+    stats = compute_class_stats(x_u8.cpu(), y.cpu(), num_classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_mod.save(path, {"mean": stats.mean, "count": stats.count, "singular": stats.singular,
+                         "components": stats.components, "rank": stats.rank},
+                  {"format": STATS_FORMAT, "dataset": name, "num_classes": str(num_classes),
+                   "shape": json.dumps(list(stats.shape)), "svd_keep": str(SVD_KEEP)})
+    return stats
+
+
+# ----------------------------------------------------------------------------- initialisations
+
+
+def init_uniform(y: torch.Tensor, shape: tuple[int, int, int], *, generator=None, device=None) -> torch.Tensor:
+    """x_0 ~ U(0, 1), JEM-style. -> (B, C, H, W)"""
+    return torch.rand((len(y), *shape), generator=generator, device=device)
+
+
+def init_informative(y: torch.Tensor, stats: ClassStats, *, generator=None) -> torch.Tensor:
+    """x_0 ~ N(mu_c, Sigma_c + 1e-4 I), clipped to [0, 1].
+
+    Sigma_c = V^T diag(s^2 / (n_c - 1)) V from the class SVD, so a draw is
+    mu_c + V^T (s / sqrt(n_c - 1) * z) + 1e-2 * z' with z, z' standard normal: no D x D matrix.
+    """
+    b, (r, d) = len(y), stats.components.shape[1:]
+    dev = stats.mean.device
+    z = torch.randn(b, r, generator=generator, device=dev)
+    z2 = torch.randn(b, d, generator=generator, device=dev)
+    scale = stats.singular[y] / (stats.count[y].clamp_min(2) - 1).float().sqrt()[:, None]  # (B, R) std per direction
+    x = stats.mean[y] + torch.einsum("br,brd->bd", scale * z, stats.components[y]) + math.sqrt(INFORMATIVE_JITTER) * z2
+    return x.clamp_(0.0, 1.0).view(b, *stats.shape)
+
+
+def pca_keep(stats: ClassStats, variance: float) -> torch.Tensor:
+    """k_c: the fewest leading components whose share of class c's variance reaches `variance`. (K,)"""
+    var = stats.singular.square()
+    total = var.sum(1, keepdim=True).clamp_min(1e-30)
+    share = var.cumsum(1) / total  # (K, R)
+    k = (share < variance - 1e-12).sum(1) + 1
+    return torch.minimum(k, stats.rank)
+
+
+def init_pca(y: torch.Tensor, stats: ClassStats, *, variance: float, sigma: float, generator=None) -> torch.Tensor:
+    """The paper's class-wise PCA init: x_0 = mu_c + sum_{i<k_c} s_i z_i sigma_pca U_i, clipped.
+
+    U_i, s_i: principal directions and singular values of class c's centred data matrix (s_i^2 is
+    (n_c - 1) times the variance along U_i); k_c from `variance` (r); z_i ~ N(0, 1).
+    """
+    b, r = len(y), stats.components.shape[1]
+    dev = stats.mean.device
+    keep = pca_keep(stats, variance)[y]  # (B,)
+    mask = torch.arange(r, device=dev)[None, :] < keep[:, None]  # (B, R)
+    z = torch.randn(b, r, generator=generator, device=dev)
+    coef = stats.singular[y] * z * sigma * mask
+    x = stats.mean[y] + torch.einsum("br,brd->bd", coef, stats.components[y])
+    return x.clamp_(0.0, 1.0).view(b, *stats.shape)
+
+
+def init_noise(y: torch.Tensor, x_u8: torch.Tensor, y_train: torch.Tensor, *, std: float, generator=None) -> torch.Tensor:
+    """A uniformly drawn training image of the class plus N(0, std^2) noise, clipped. -> (B, C, H, W)"""
+    dev = x_u8.device
+    counts = torch.bincount(y_train, minlength=int(y.max()) + 1)
+    order = torch.argsort(y_train, stable=True)  # indices grouped by class
+    start = torch.cumsum(counts, 0) - counts
+    u = torch.rand(len(y), generator=generator, device=dev)
+    pick = order[start[y] + (u * counts[y]).long().clamp_max(counts[y] - 1)]
+    x = x_u8[pick].float() / 255.0
+    x = x + std * torch.randn(x.shape, generator=generator, device=dev)
+    return x.clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- checkpoint -> samples
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64: the wanted class
+    predictions: torch.Tensor  # (N,) int64: the model's class of the saved (uint8) sample
+    energy_initial: torch.Tensor  # (N,) E(x_0, y)
+    energy_final: torch.Tensor  # (N,) E(x, y) of the saved sample
+    steps_taken: torch.Tensor  # (N,)
+    seconds: float
+    settings: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fraction_as_asked(self) -> float:
+        return float((self.predictions == self.labels).float().mean()) if len(self.labels) else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        per_class = {}
+        for c in self.labels.unique().tolist():
+            m = self.labels == c
+            per_class[str(c)] = float((self.predictions[m] == c).float().mean())
+        return {
+            "n": int(len(self.labels)),
+            "seconds": round(self.seconds, 3),
+            "energy_final_mean": float(self.energy_final.mean()),
+            "energy_initial_mean": float(self.energy_initial.mean()),
+            "fraction_classified_as_asked": self.fraction_as_asked,
+            "fraction_per_class": per_class,
+            "mean_steps": float(self.steps_taken.float().mean()),
+            **{k: self.settings[k] for k in ("checkpoint", "init", "steps", "step_size", "momentum", "noise", "alpha", "seed")},
+            "files": dict(self.files),
+        }
+
+
+def parse_classes(value: str | Sequence[int] | None, num_classes: int) -> list[int]:
+    """`0,3,7` (or a list) -> [0, 3, 7], checked against the model's classes; None -> all."""
+    if value is None:
+        return list(range(num_classes))
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            items = [int(p) for p in parts]
+        except ValueError:
+            raise WeatInputError(f"--classes: {value!r}; expected class indices like 0,3,7") from None
+    else:
+        items = [int(v) for v in value]
+    if not items:
+        raise WeatInputError(f"--classes: {value!r}; expected at least one class index")
+    bad = [c for c in items if not 0 <= c < num_classes]
+    if bad:
+        raise WeatInputError(f"--classes: class {bad[0]} out of range; the model has {num_classes} classes (0..{num_classes - 1})")
+    return list(dict.fromkeys(items))
+
+
+def wanted_labels(classes: list[int], n_per_class: int | None, n: int | None) -> torch.Tensor:
+    """Labels grouped by class in `classes` order: n_per_class each, or n split as evenly as possible."""
+    if n_per_class is not None and n is not None:
+        raise WeatInputError("--n-per-class and --n: give one of them, not both")
+    if n is not None:
+        if n < 1:
+            raise WeatInputError(f"--n: {n}; expected an integer >= 1")
+        base, extra = divmod(n, len(classes))
+        counts = [base + (i < extra) for i in range(len(classes))]
+    else:
+        k = DEFAULT_N_PER_CLASS if n_per_class is None else n_per_class
+        if k < 1:
+            raise WeatInputError(f"--n-per-class: {k}; expected an integer >= 1")
+        counts = [k] * len(classes)
+    return torch.cat([torch.full((c,), cls, dtype=torch.int64) for cls, c in zip(classes, counts)])
+
+
+def _check_settings(*, init: str, steps: int, step_size: float, momentum: float, noise: float, alpha: float | None,
+                    pca_variance: float, pca_sigma: float, init_noise_std: float, adaptive: float | None,
+                    batch_size: int) -> None:
+    if init not in INITS:
+        raise WeatInputError(f"--init: unknown {init!r}; expected one of {', '.join(INITS)}")
+    checks = [
+        ("--sgld-steps", steps, steps >= 0, "an integer >= 0"),
+        ("--step-size", step_size, math.isfinite(step_size) and step_size > 0, "a number > 0"),
+        ("--momentum", momentum, 0 <= momentum < 1, "a number in [0, 1)"),
+        ("--noise", noise, math.isfinite(noise) and noise >= 0, "a number >= 0"),
+        ("--alpha", alpha, alpha is None or (math.isfinite(alpha) and alpha >= 0), "a number >= 0"),
+        ("--pca-variance", pca_variance, 0 < pca_variance <= SVD_KEEP, f"a fraction in (0, {SVD_KEEP}]"),
+        ("--pca-sigma", pca_sigma, math.isfinite(pca_sigma) and pca_sigma >= 0, "a number >= 0"),
+        ("--init-noise", init_noise_std, math.isfinite(init_noise_std) and init_noise_std >= 0, "a number >= 0"),
+        ("--adaptive", adaptive, adaptive is None or math.isfinite(adaptive), "a finite number (energy units)"),
+        ("--batch-size", batch_size, batch_size >= 1, "an integer >= 1"),
+    ]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise WeatInputError(f"{flag}: {value!r}; expected {expected}")
+
+
+def _writable(flag: str, path: Path) -> None:
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise WeatInputError(f"{flag}: directory {parent} does not exist")
+    if path.is_dir():
+        raise WeatInputError(f"{flag}: {path} is a directory; expected a file name")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def class_energy_means(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+                       batch_size: int, key: str | None = None) -> torch.Tensor:
+    """Mean E(x, y) per class over (at most ENERGY_IMAGES_PER_CLASS of) the training images. (K,)
+
+    With `key` (identifying model and data) the result is cached in cache_dir()/stats.
+    """
+    from . import checkpoint as ckpt_mod
+
+    path = cache_dir() / "stats" / f"energy-{key}.safetensors" if key else None
+    if path is not None and path.is_file():
+        try:
+            t, meta = ckpt_mod.read(path)
+            if t["mean"].shape == (num_classes,) and meta.get("per_class") == str(ENERGY_IMAGES_PER_CLASS):
+                return t["mean"]
+        except (WeatInputError, KeyError):
+            pass
+    dev = next(model.parameters()).device
+    means = torch.full((num_classes,), float("nan"))
+    for k in range(num_classes):
+        xk = x_u8[y == k][:ENERGY_IMAGES_PER_CLASS]
+        if len(xk) == 0:
+            continue
+        e = torch.cat([joint_energy(model(xk[i : i + batch_size].to(dev).float() / 255.0),
+                                    torch.full((len(xk[i : i + batch_size]),), k, device=dev))
+                       for i in range(0, len(xk), batch_size)])
+        means[k] = e.mean().cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt_mod.save(path, {"mean": means}, {"format": "weat-energy-means/1", "per_class": str(ENERGY_IMAGES_PER_CLASS)})
+    return means
+
+
+def save_samples(path: Path, result: SampleResult) -> None:
+    """uint8 NCHW `samples`, int64 `labels` and `predictions`, float32 `energy_initial` and
+    `energy_final` (E(x, y) of the saved samples), int64 `steps_taken`; settings in the metadata."""
+    from . import __version__
+    from . import checkpoint as ckpt_mod
+
+    s = result.settings
+    meta = {"format": SAMPLES_FORMAT, "weat_version": __version__, "checkpoint": s["checkpoint"],
+            "dataset": s["dataset"], "data_dir": s.get("data_dir") or "", "num_classes": str(s["num_classes"]),
+            "settings": json.dumps(s, sort_keys=True)}
+    tensors = {"samples": result.samples, "labels": result.labels, "predictions": result.predictions,
+               "energy_initial": result.energy_initial.float(), "energy_final": result.energy_final.float(),
+               "steps_taken": result.steps_taken}
+    ckpt_mod.save(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
+
+
+def sample_checkpoint(
+    *,
+    checkpoint: Path | str,
+    steps: int = DEFAULT_STEPS,
+    n_per_class: int | None = None,
+    n: int | None = None,
+    classes: str | Sequence[int] | None = None,
+    init: str = DEFAULT_INIT,
+    step_size: float = DEFAULT_STEP_SIZE,
+    momentum: float = 0.0,
+    noise: float = DEFAULT_NOISE,
+    alpha: float | None = None,
+    pca_variance: float = DEFAULT_PCA_VARIANCE,
+    pca_sigma: float = DEFAULT_PCA_SIGMA,
+    init_noise_std: float = DEFAULT_INIT_NOISE,
+    adaptive: float | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: str = "auto",
+    data_dir: str | None = None,
+    out: Path | str | None = None,
+    grid: Path | str | None = None,
+    on_event: EventFn | None = None,
+) -> SampleResult:
+    """`weat sample`: SGLD samples of the wanted classes from a checkpoint, saved with a grid.
+
+    Defaults: every class, DEFAULT_N_PER_CLASS samples each, the DEFAULT_* settings above; `out`
+    defaults to <checkpoint dir>/samples-<init>.safetensors and `grid` to `out` with .png (its
+    numbers go next to it as .json). The training data are loaded only for the informative, pca and
+    noise inits and for adaptive stopping. Randomness: init from generator (seed, 0), SGLD noise
+    from (seed, 1, batch index).
+    """
+    from . import checkpoint as ckpt_mod
+    from . import data as data_mod
+    from .attacks import attack_mode
+    from .plots import sample_grid
+    from .train import generator_for, resolve_device
+
+    emit = on_event or (lambda kind, payload: None)
+    init = init.strip().lower() if isinstance(init, str) else init
+    _check_settings(init=init, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
+                    pca_variance=pca_variance, pca_sigma=pca_sigma, init_noise_std=init_noise_std, adaptive=adaptive,
+                    batch_size=batch_size)
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.parent / f"samples-{init}.safetensors"
+    grid = Path(grid) if grid is not None else out.with_suffix(".png")
+    _writable("--out", out)
+    _writable("--grid", grid)
+    if grid.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise WeatInputError(f"--grid: {grid}; expected a .png, .pdf or .svg file name")
+    try:
+        dev = resolve_device(device)
+    except (WeatInputError, RuntimeError):
+        raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
+    ck = ckpt_mod.load(checkpoint, device=dev)
+    k_classes = ck.num_classes
+    wanted = parse_classes(classes, k_classes)
+    labels = wanted_labels(wanted, n_per_class, n)
+    shape = (ck.in_channels, ck.image_size, ck.image_size)
+    dataset = ck.config.data.dataset
+    root = data_dir if data_dir is not None else ck.config.data.data_dir
+
+    ds = None
+    if init != "uniform" or adaptive is not None:
+        ds = data_mod.load(dataset, root, device="cpu")
+        if (ds.in_channels, ds.image_size) != shape[:2]:
+            raise WeatInputError(f"checkpoint: {checkpoint} expects {shape} images; its dataset {dataset} has "
+                                 f"{ds.in_channels}x{ds.image_size}x{ds.image_size}")
+        missing = [c for c in wanted if not bool((ds.train_y == c).any())]
+        if missing and init in ("informative", "pca", "noise"):
+            raise WeatInputError(f"--classes: class {missing[0]} has no training images in {dataset}; use --init uniform")
+
+    stats = None
+    if init in ("informative", "pca"):
+        stats = class_stats(ds.train_x, ds.train_y, max(k_classes, ds.num_classes), name=dataset, on_event=emit).to(dev)
+    stop = None
+    if adaptive is not None:
+        key = f"{_file_digest(checkpoint)[:16]}-{_digest(ds.train_x, ds.train_y)[:16]}"
+        stop = class_energy_means(ck.model, ds.train_x, ds.train_y, k_classes, batch_size=batch_size, key=key).to(dev)
+        bad = [c for c in wanted if not math.isfinite(float(stop[c]))]
+        if bad:
+            raise WeatInputError(f"--adaptive: class {bad[0]} has no training images to take its mean energy from")
+    x_train = ds.train_x.to(dev) if init == "noise" else None
+    y_train = ds.train_y.to(dev) if init == "noise" else None
+
+    settings = {"checkpoint": str(checkpoint), "dataset": dataset, "data_dir": root, "num_classes": k_classes,
+                "classes": wanted, "init": init, "steps": steps, "step_size": step_size, "momentum": momentum,
+                "noise": noise, "alpha": math.sqrt(2 * step_size) if alpha is None else alpha,
+                "pca_variance": pca_variance, "pca_sigma": pca_sigma, "init_noise": init_noise_std,
+                "adaptive": adaptive, "batch_size": batch_size, "seed": seed}
+    total = len(labels)
+    emit("start", {"checkpoint": str(checkpoint), "n": total, "classes": wanted, "init": init, "steps": steps,
+                   "device": str(dev)})
+    g_init = generator_for(dev, seed, 0)
+    outs_x, outs_e0, outs_taken = [], [], []
+    t0 = time.perf_counter()
+    batches = math.ceil(total / batch_size)
+    with attack_mode(fused_for_sampling(ck.model)) as model:
+        for b in range(batches):
+            yb = labels[b * batch_size : (b + 1) * batch_size].to(dev)
+            if init == "uniform":
+                x0 = init_uniform(yb, shape, generator=g_init, device=dev)
+            elif init == "informative":
+                x0 = init_informative(yb, stats, generator=g_init)
+            elif init == "pca":
+                x0 = init_pca(yb, stats, variance=pca_variance, sigma=pca_sigma, generator=g_init)
+            else:
+                x0 = init_noise(yb, x_train, y_train, std=init_noise_std, generator=g_init)
+            done_before = b * batch_size * steps
+
+            def on_step(i: int, done_before: int = done_before, size: int = len(yb)) -> None:
+                emit("step", {"done": done_before + size * i, "total": total * steps})  # image-steps
+
+            res = sgld(model, x0, yb, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
+                       stop_energy=None if stop is None else stop[yb], threshold=adaptive,
+                       generator=generator_for(dev, seed, 1, b), on_step=on_step)
+            outs_x.append((res.x * 255.0).round_().to(torch.uint8))
+            outs_e0.append(res.energy_initial)
+            outs_taken.append(res.steps_taken)
+    samples = torch.cat(outs_x)
+    # Energies and classes of what is saved (the uint8 images) under the checkpoint's own model.
+    preds, e_final = [], []
+    with torch.no_grad():
+        for i in range(0, total, batch_size):
+            logits = ck.model(samples[i : i + batch_size].float() / 255.0)
+            preds.append(logits.argmax(1))
+            e_final.append(joint_energy(logits, labels[i : i + batch_size].to(dev)))
+    result = SampleResult(
+        samples=samples.cpu(), labels=labels, predictions=torch.cat(preds).cpu(),
+        energy_initial=torch.cat(outs_e0).float().cpu(), energy_final=torch.cat(e_final).float().cpu(),
+        steps_taken=torch.cat(outs_taken).cpu(), seconds=time.perf_counter() - t0, settings=settings,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_samples(out, result)
+    result.files["samples"] = str(out)
+    # Grid: one row per class, its first GRID_COLUMNS samples.
+    rows, row_labels = [], []
+    for c in wanted:
+        idx = (labels == c).nonzero().squeeze(1)[:GRID_COLUMNS]
+        pad = GRID_COLUMNS - len(idx)
+        row = result.samples[idx]
+        if pad:
+            row = torch.cat([row, torch.full((pad, *shape), 255, dtype=torch.uint8)])
+        rows.append(row)
+        row_labels.append(f"class {c}\n{float((result.predictions[labels == c] == c).float().mean()):.0%} as asked")
+    cols = min(GRID_COLUMNS, max(int((labels == c).sum()) for c in wanted))
+    grid_images = torch.cat([r[:cols] for r in rows])
+    detail = {"pca": f" (r {pca_variance:g}, sigma_pca {pca_sigma:g})", "noise": f" (std {init_noise_std:g})"}.get(init, "")
+    title = (f"{Path(checkpoint).parent.name or checkpoint.name}: {init} init{detail}, {steps} SGLD steps, eta {step_size:g}"
+             + (f", momentum {momentum:g}" if momentum else ""))
+    sample_grid(grid_images, grid, nrow=cols, labels=row_labels, title=title)
+    result.files["grid"] = str(grid)
+    result.files["grid_json"] = str(grid.with_suffix(".json"))
+    emit("done", {"result": result})
+    return result

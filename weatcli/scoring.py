@@ -1,0 +1,522 @@
+"""Quality of generated images: FID, KID and Inception Score (PAPER.md section 5, "Quality").
+
+FID and KID are clean-fid's (Parmar et al. 2022, "clean" mode): images are resized to 299x299
+with clean-fid's own PIL bicubic resizer, fed to the TorchScript Inception-v3 that clean-fid uses
+(`inception-2015-12-05.pt`), and its 2048-d pool features go through clean-fid's
+`frechet_distance` and `kernel_distance`. The Inception Score (Salimans et al. 2016) uses the same
+network's class probabilities: softmax of its 1008-way output layer without bias, as the original
+implementation, over 10 splits. The weights file is never downloaded unless asked (`download=True`);
+point `--inception-weights` or $WEAT_INCEPTION_WEIGHTS at a local copy to work offline.
+
+`features=CKPT` computes the same distances with a weat classifier's penultimate features and its
+softmax: useful for comparing sampling settings of one model, not comparable with Inception-based
+numbers (the output says so).
+
+Reference statistics (mean, covariance and features of the reference set under one feature
+network) are cached as safetensors in cache_dir()/stats, keyed by the images' and the network's
+content, so a second call against the same reference only extracts the samples' features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import WeatInputError, WeatRunError
+from .sampling import cache_dir
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+METRICS = ("fid", "is", "kid")
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+CLEANFID_DIR = Path("/tmp")  # where clean-fid itself downloads the weights on Linux
+IS_SPLITS = 10
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # clean-fid's defaults
+REF_FORMAT = "weat-reference-stats/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_ARRAY_KEYS = ("samples", "images", "image", "x", "arr_0")
+
+
+# ----------------------------------------------------------------------------- image sets
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    description: str
+    dataset: str | None = None  # the dataset the images come from or were generated for
+    data_dir: str | None = None
+
+
+def _to_uint8_nchw(a: Any, where: str) -> torch.Tensor:
+    """uint8 or float-in-[0,1] images, (N, C, H, W) or (N, H, W, C) or (N, H, W) -> uint8 NCHW."""
+    t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    expected = "images (N, C, H, W) or (N, H, W, C) with 1 or 3 channels, uint8 or float in [0, 1]"
+    if t.ndim == 3:
+        t = t[:, None]
+    if t.ndim != 4 or t.shape[0] == 0:
+        raise WeatInputError(f"{where}: shape {tuple(t.shape)}; expected {expected}")
+    if t.shape[1] not in (1, 3) and t.shape[3] in (1, 3):
+        t = t.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    if t.shape[1] not in (1, 3):
+        raise WeatInputError(f"{where}: shape {tuple(t.shape)}; expected {expected}")
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if not t.is_floating_point():
+        raise WeatInputError(f"{where}: dtype {t.dtype}; expected {expected}")
+    t = t.float()
+    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+        raise WeatInputError(f"{where}: float values outside [0, 1]; expected {expected}")
+    return (t * 255.0).round_().to(torch.uint8).contiguous()
+
+
+def _read_folder(path: Path, where: str) -> ImageSet:
+    from PIL import Image
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise WeatInputError(f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L") if im.mode in ("L", "LA", "I;16", "I", "1") else im.convert("RGB")
+                a = np.asarray(im)
+        except Exception as e:
+            raise WeatInputError(f"{where}: cannot read image {f} ({type(e).__name__})") from None
+        arrays.append(a[..., None] if a.ndim == 2 else a)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise WeatInputError(f"{where}: images in {path} differ in size or channels ({sorted(shapes)[:3]}); expected one shape")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, f"{path} ({len(files)} images)")
+
+
+def read_images(path: Path | str, where: str = "SAMPLES") -> ImageSet:
+    """A `weat sample` safetensors file, any safetensors/npz holding an image array, or a folder of images."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _read_folder(path, where)
+    if not path.is_file():
+        raise WeatInputError(f"{where}: {path} not found; expected a .safetensors or .npz file or a folder of images")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                key = next((k for k in _ARRAY_KEYS if k in f.keys()), None)
+                if key is None:
+                    raise WeatInputError(f"{where}: {path} has no tensor named {' or '.join(_ARRAY_KEYS[:4])}; "
+                                         f"found {sorted(f.keys())[:5]}")
+                tensor = f.get_tensor(key)
+        except WeatInputError:
+            raise
+        except Exception as e:
+            raise WeatInputError(f"{where}: {path} is not a readable safetensors file ({type(e).__name__})") from None
+        x = _to_uint8_nchw(tensor, f"{where}: {path} tensor {key!r}")
+        return ImageSet(x, f"{path} ({len(x)} images)", meta.get("dataset") or None, meta.get("data_dir") or None)
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                key = next((k for k in _ARRAY_KEYS if k in z.files), None)
+                if key is None:
+                    raise WeatInputError(f"{where}: {path} has no array named {' or '.join(_ARRAY_KEYS)}; found {z.files[:5]}")
+                a = z[key]
+        except WeatInputError:
+            raise
+        except Exception as e:
+            raise WeatInputError(f"{where}: {path} is not a readable .npz of plain arrays ({type(e).__name__})") from None
+        x = _to_uint8_nchw(a, f"{where}: {path} array {key!r}")
+        return ImageSet(x, f"{path} ({len(x)} images)")
+    raise WeatInputError(f"{where}: {path}; expected a .safetensors or .npz file or a folder of images")
+
+
+def read_reference(spec: str, *, data_dir: str | None = None, download: bool = False) -> ImageSet:
+    """--ref: a folder, a .safetensors/.npz file, or DATASET[:split] (split train by default)."""
+    from . import data as data_mod
+
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.suffix.lower() in (".safetensors", ".npz") and path.is_file()):
+        return read_images(path, where="--ref")
+    name, split = spec, "train"
+    head, _, tail = spec.rpartition(":")
+    if head and tail in ("train", "test"):
+        name, split = head, tail
+    if not (name in data_mod.dataset_names() or name.startswith(data_mod.NPZ_PREFIX)):
+        raise WeatInputError(f"--ref: {spec!r} is neither a file, a folder nor a dataset; expected a folder, "
+                             f"a .safetensors/.npz file or one of {', '.join(data_mod.dataset_names())}[:train|test]")
+    ds = data_mod.load(name, data_dir, download=download, device="cpu")
+    x = ds.train_x if split == "train" else ds.test_x
+    return ImageSet(x, f"{name}:{split} ({len(x)} images)", name, data_dir)
+
+
+# ----------------------------------------------------------------------------- feature networks
+
+
+@dataclass
+class FeatureNet:
+    """Features (B, D) and class probabilities (B, K) of uint8 images, both float64 on the CPU."""
+
+    name: str  # "inception" or "ckpt:<path>"
+    identity: str  # content hash: part of the reference cache key
+    comparable: bool  # numbers comparable with the literature's Inception-based FID / IS
+    forward: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _where_to_get() -> str:
+    return f"{INCEPTION_FILE} (clean-fid's TorchScript Inception-v3, from {INCEPTION_URL})"
+
+
+def find_inception_weights(path: Path | str | None = None, *, download: bool = False) -> Path:
+    """--inception-weights, else $WEAT_INCEPTION_WEIGHTS, else a copy in cache_dir() or clean-fid's
+    download folder; with none, download to cache_dir() only when `download`. Else WeatInputError."""
+    given = path if path not in (None, "") else os.environ.get("WEAT_INCEPTION_WEIGHTS") or None
+    if given is not None:
+        p = Path(given).expanduser()
+        flag = "--inception-weights" if path not in (None, "") else "$WEAT_INCEPTION_WEIGHTS"
+        if not p.is_file():
+            raise WeatInputError(f"{flag}: {p} not found; expected {_where_to_get()}")
+        return p
+    candidates = [cache_dir() / INCEPTION_FILE, CLEANFID_DIR / INCEPTION_FILE]
+    for p in candidates:
+        if p.is_file():
+            return p
+    if not download:
+        raise WeatInputError(
+            f"--inception-weights: Inception weights not found (looked for {', '.join(map(str, candidates))}); "
+            f"expected {_where_to_get()}; pass --inception-weights PATH or set $WEAT_INCEPTION_WEIGHTS, "
+            f"add --download to fetch it, or use --features CKPT")
+    return _download_inception(candidates[0])
+
+
+def _download_inception(target: Path) -> Path:
+    import urllib.request
+
+    from .checkpoint import atomic_write_bytes
+
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response:
+            payload = response.read()
+    except Exception as e:
+        raise WeatInputError(f"--download: could not fetch {INCEPTION_FILE} from {INCEPTION_URL} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())}); download it yourself and pass "
+                             f"--inception-weights PATH") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, payload)
+    return target
+
+
+def inception_net(weights: Path, device: torch.device) -> FeatureNet:
+    """clean-fid's Inception-v3 in clean mode from a local TorchScript file."""
+    from cleanfid.resize import build_resizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; clean-fid's file is TorchScript
+            base = torch.jit.load(str(weights), map_location=device).eval()
+    except Exception as e:
+        raise WeatInputError(f"--inception-weights: {weights} is not a TorchScript file "
+                             f"({type(e).__name__}); expected {_where_to_get()}") from None
+    if not hasattr(base, "layers"):
+        raise WeatInputError(f"--inception-weights: {weights} has no 'layers' module; expected {_where_to_get()}")
+    resize = build_resizer("clean")  # PIL bicubic on float32 channels to 299x299, values in [0, 255]
+
+    def forward(x_u8: torch.Tensor, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hwc = x_u8.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+        if hwc.shape[3] == 1:
+            hwc = np.repeat(hwc, 3, axis=3)  # grey -> RGB, as clean-fid's loaders convert
+        big = np.stack([resize(im) for im in hwc])  # (B, 299, 299, 3) float32 in [0, 255]
+        t = torch.from_numpy(big).permute(0, 3, 1, 2).to(device)
+        with torch.no_grad():
+            feats = base.layers((t - 128.0) / 128.0).reshape(len(t), -1).double()  # (B, 2048)
+            probs = None
+            if want_probs:
+                if not hasattr(base, "output"):
+                    raise WeatInputError(f"--inception-weights: {weights} has no 'output' layer for the Inception Score")
+                # The original IS applies the 1008-way layer without its bias (as StyleGAN2-ADA's port).
+                probs = torch.softmax(feats @ base.output.weight.double().t(), dim=1)
+        return feats.cpu(), None if probs is None else probs.cpu()
+
+    return FeatureNet("inception", "inception:" + _file_digest(weights)[:32], True, forward)
+
+
+def classifier_net(checkpoint: Path, device: torch.device) -> tuple[FeatureNet, Any]:
+    """A weat checkpoint's penultimate features and softmax, on [0,1] images of its own shape."""
+    from . import checkpoint as ckpt_mod
+    from .models import penultimate
+
+    ck = ckpt_mod.load(checkpoint, device=device)
+    model = ck.model
+    shape = (ck.in_channels, ck.image_size, ck.image_size)
+
+    def forward(x_u8: torch.Tensor, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if tuple(x_u8.shape[1:]) != shape:
+            raise WeatInputError(f"--features: {checkpoint} takes {shape[0]}x{shape[1]}x{shape[2]} images; "
+                                 f"got {'x'.join(map(str, x_u8.shape[1:]))}")
+        x = x_u8.to(device).float() / 255.0
+        with torch.no_grad():
+            feats = penultimate(model, x).double()
+            probs = torch.softmax(model(x).double(), dim=1) if want_probs else None
+        return feats.cpu(), None if probs is None else probs.cpu()
+
+    net = FeatureNet(f"ckpt:{checkpoint}", "ckpt:" + _file_digest(checkpoint)[:32], False, forward)
+    return net, ck
+
+
+def extract(net: FeatureNet, images: torch.Tensor, *, batch_size: int, want_probs: bool,
+            on_progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        f, p = net.forward(images[i : i + batch_size], want_probs)
+        feats.append(f)
+        if p is not None:
+            probs.append(p)
+        if on_progress is not None:
+            on_progress(min(i + batch_size, len(images)))
+    return torch.cat(feats).numpy(), (torch.cat(probs).numpy() if probs else None)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def inception_score(probs: np.ndarray, splits: int = IS_SPLITS, *, seed: int | None = 0) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) per split -> (mean, std) over `splits` parts (Salimans et al. 2016).
+
+    The rows are shuffled with `seed` first (None: kept in order), so files grouped by class, as
+    `weat sample` writes them, still give every split a mix of classes.
+    """
+    from scipy.special import xlogy
+
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"probs: expected (N, K) with N >= 1, got shape {p.shape}")
+    if seed is not None:
+        p = p[np.random.default_rng(seed).permutation(len(p))]
+    scores = []
+    for part in np.array_split(p, min(splits, len(p))):
+        py = part.mean(0, keepdims=True)
+        kl = (xlogy(part, part) - xlogy(part, py)).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """clean-fid's frechet_distance; its notes go to stderr (stdout carries results only)."""
+    from cleanfid.fid import frechet_distance
+    from scipy.linalg import LinAlgWarning
+
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # clean-fid passes scipy's deprecated sqrtm(disp=)
+        warnings.simplefilter("ignore", LinAlgWarning)  # singular covariances: the result carries a note instead
+        try:
+            value = frechet_distance(mu1, sigma1, mu2, sigma2)
+        except ValueError as e:  # a covariance product whose square root is far from real
+            raise WeatRunError(f"FID: {e}; use more samples than feature dimensions ({len(mu1)})") from None
+    return max(0.0, float(value))  # rounding can leave -1e-12 for identical sets
+
+
+def kid(feats1: np.ndarray, feats2: np.ndarray, *, seed: int = 0) -> float:
+    """clean-fid's kernel_distance (100 subsets of up to 1000), with numpy's global RNG seeded and restored."""
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(kernel_distance(feats1, feats2, num_subsets=KID_SUBSETS, max_subset_size=KID_SUBSET_SIZE))
+    finally:
+        np.random.set_state(state)
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def _images_digest(x: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{tuple(x.shape)}".encode())
+    h.update(x.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_stats(net: FeatureNet, ref: ImageSet, *, batch_size: int, on_event: EventFn) -> tuple[dict[str, np.ndarray], bool]:
+    """{"mu", "sigma", "features"} of the reference under `net`; cached. -> (stats, from_cache)"""
+    from . import checkpoint as ckpt_mod
+
+    key = hashlib.sha256(f"{REF_FORMAT}|{net.identity}|{_images_digest(ref.images)}".encode()).hexdigest()[:24]
+    path = cache_dir() / "stats" / f"ref-{key}.safetensors"
+    if path.is_file():
+        try:
+            t, meta = ckpt_mod.read(path)
+            if meta.get("format") == REF_FORMAT:
+                return {k: t[k].numpy() for k in ("mu", "sigma", "features")}, True
+        except (WeatInputError, KeyError):
+            pass  # damaged entry: recompute and overwrite
+    on_event("stage", {"name": "reference", "total": len(ref.images)})
+    feats, _ = extract(net, ref.images, batch_size=batch_size, want_probs=False,
+                       on_progress=lambda done: on_event("progress", {"done": done}))
+    mu, sigma = gaussian_stats(feats)
+    stats = {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_mod.save(path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()},
+                  {"format": REF_FORMAT, "reference": ref.description, "features": net.name})
+    return stats, False
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class ScoreResult:
+    metrics: dict[str, float | None]  # fid, kid, is_mean, is_std (None when not asked)
+    n: int
+    n_reference: int | None
+    reference: str | None
+    features: str
+    comparable: bool
+    seconds: float
+    reference_cached: bool | None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.metrics,
+            "n": self.n,
+            "n_reference": self.n_reference,
+            "reference": self.reference,
+            "features": self.features,
+            "comparable_with_inception": self.comparable,
+            "reference_cached": self.reference_cached,
+            "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
+        }
+
+
+def parse_metrics(value: str | Sequence[str] | None) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value or METRICS)
+    names = [m.strip().lower() for m in items if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise WeatInputError(f"--metrics: unknown {bad[0] if bad else value!r}; expected a comma list of {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def score_samples(
+    *,
+    samples: Path | str,
+    ref: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    n: int | None = None,
+    features: str = "inception",
+    inception_weights: Path | str | None = None,
+    download: bool = False,
+    batch_size: int = 100,
+    device: str = "auto",
+    data_dir: str | None = None,
+    seed: int = 0,
+    on_event: EventFn | None = None,
+) -> ScoreResult:
+    """`weat score`: FID / KID against a reference set and the Inception Score of the samples.
+
+    The reference defaults to the training split of the samples' dataset (named in a `weat sample`
+    file), else of the --features checkpoint's dataset. `n` scores a fixed random subset (seed).
+    """
+    from .train import resolve_device
+
+    emit = on_event or (lambda kind, payload: None)
+    names = parse_metrics(metrics)
+    if batch_size < 1:
+        raise WeatInputError(f"--batch-size: {batch_size}; expected an integer >= 1")
+    try:
+        dev = resolve_device(device)
+    except (WeatInputError, RuntimeError):
+        raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
+    t0 = time.perf_counter()
+    sample_set = read_images(samples)
+    x = sample_set.images
+    if n is not None:
+        if n < 1:
+            raise WeatInputError(f"--n: {n}; expected an integer >= 1")
+        if n > len(x):
+            raise WeatInputError(f"--n: {n} is more than the {len(x)} images in {samples}")
+        idx = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
+        x = x[idx]
+    distances = [m for m in names if m in ("fid", "kid")]
+    if distances and len(x) < 2:
+        raise WeatInputError(f"SAMPLES: {len(x)} image; FID and KID need at least 2")
+
+    ck = None
+    if features == "inception":
+        net = inception_net(find_inception_weights(inception_weights, download=download), dev)
+    else:
+        path = Path(features).expanduser()
+        if not path.is_file():
+            raise WeatInputError(f"--features: {features!r}; expected inception or the path of a weat checkpoint")
+        net, ck = classifier_net(path, dev)
+
+    ref_set = None
+    if distances:
+        if ref is None:
+            dataset = sample_set.dataset or (ck.config.data.dataset if ck is not None else None)
+            if dataset is None:
+                raise WeatInputError(f"--ref: required: {samples} does not say which dataset it imitates")
+            root = data_dir if data_dir is not None else (
+                sample_set.data_dir if sample_set.dataset else (ck.config.data.data_dir if ck is not None else None))
+            ref = f"{dataset}:train"
+            ref_set = read_reference(ref, data_dir=root, download=download)
+        else:
+            ref_set = read_reference(ref, data_dir=data_dir, download=download)
+        if len(ref_set.images) < 2:
+            raise WeatInputError(f"--ref: {ref_set.description}; FID and KID need at least 2 images")
+    emit("start", {"samples": sample_set.description, "n": len(x), "reference": ref_set.description if ref_set else None,
+                   "features": net.name, "metrics": names, "device": str(dev)})
+
+    ref_stats, cached = None, None
+    if ref_set is not None:
+        ref_stats, cached = reference_stats(net, ref_set, batch_size=batch_size, on_event=emit)
+    emit("stage", {"name": "samples", "total": len(x)})
+    feats, probs = extract(net, x, batch_size=batch_size, want_probs="is" in names,
+                           on_progress=lambda done: emit("progress", {"done": done}))
+
+    notes = []
+    if not net.comparable:
+        notes.append(f"features from the weat classifier {features} (penultimate layer and softmax): "
+                     "not comparable with Inception-based FID / KID / IS")
+    out: dict[str, float | None] = {"fid": None, "kid": None, "is_mean": None, "is_std": None}
+    if "fid" in names:
+        if len(x) <= feats.shape[1]:
+            notes.append(f"FID from {len(x)} samples of {feats.shape[1]}-d features: the covariance is rank-deficient "
+                         "and FID is biased upwards; use more samples for comparable numbers")
+        out["fid"] = fid_from_stats(*gaussian_stats(feats), ref_stats["mu"], ref_stats["sigma"])
+    if "kid" in names:
+        out["kid"] = kid(feats, ref_stats["features"].astype(np.float64), seed=seed)
+    if "is" in names:
+        out["is_mean"], out["is_std"] = inception_score(probs, IS_SPLITS, seed=seed)
+    return ScoreResult(
+        metrics=out, n=len(x), n_reference=None if ref_set is None else len(ref_set.images),
+        reference=None if ref_set is None else ref_set.description, features=net.name, comparable=net.comparable,
+        seconds=time.perf_counter() - t0, reference_cached=cached, notes=notes,
+    )
