@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from weatcli import checkpoint as ckpt
+from weatcli import fileio
 from weatcli.config import resolve
 from weatcli.errors import WeatInputError
 from weatcli.models import build
@@ -50,7 +51,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     with pytest.raises(OSError):
         ckpt.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -9,8 +9,6 @@ RunConfig as JSON) and metrics (JSON), so `load` rebuilds the model from the fil
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,43 +19,11 @@ import torch.nn as nn
 from . import __version__
 from .config import RunConfig, validate
 from .errors import WeatInputError
+from .fileio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 FORMAT = "weat/1"
 OPTIM_PREFIX = "optim/"
 STATE_PREFIX = "state/"
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Temp file in the same directory + fsync + rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results should be as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:

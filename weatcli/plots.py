@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
+
+from .fileio import atomic_write_bytes
 
 DPI = 150
 CLIP_PERCENTILES = (0.5, 99.5)  # shared bins / violin range; values beyond are clipped into the edges
@@ -53,26 +53,6 @@ def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -109,8 +89,8 @@ def _save(fig: Figure, out: Path, data: dict) -> dict:
     buf = io.BytesIO()
     fig.savefig(buf, format=_FORMATS[out.suffix.lower()], dpi=DPI, facecolor="white")
     data = _jsonable(data)
-    _atomic_write(out, buf.getvalue())
-    _atomic_write(_json_path(out), (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(_json_path(out), (json.dumps(data, indent=1) + "\n").encode("utf-8"))
     return data
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .energy import joint_energy
 from .errors import WeatInputError
+from .fileio import check_writable, file_digest
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -403,22 +404,6 @@ def _check_settings(*, init: str, steps: int, step_size: float, momentum: float,
             raise WeatInputError(f"{flag}: {value!r}; expected {expected}")
 
 
-def _writable(flag: str, path: Path) -> None:
-    parent = path.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise WeatInputError(f"{flag}: directory {parent} does not exist")
-    if path.is_dir():
-        raise WeatInputError(f"{flag}: {path} is a directory; expected a file name")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def class_energy_means(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                        batch_size: int, key: str | None = None) -> torch.Tensor:
@@ -514,8 +499,8 @@ def sample_checkpoint(
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"samples-{init}.safetensors"
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
-    _writable("--out", out)
-    _writable("--grid", grid)
+    check_writable("--out", out)
+    check_writable("--grid", grid)
     if grid.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise WeatInputError(f"--grid: {grid}; expected a .png, .pdf or .svg file name")
     try:
@@ -545,7 +530,7 @@ def sample_checkpoint(
         stats = class_stats(ds.train_x, ds.train_y, max(k_classes, ds.num_classes), name=dataset, on_event=emit).to(dev)
     stop = None
     if adaptive is not None:
-        key = f"{_file_digest(checkpoint)[:16]}-{_digest(ds.train_x, ds.train_y)[:16]}"
+        key = f"{file_digest(checkpoint)[:16]}-{_digest(ds.train_x, ds.train_y)[:16]}"
         stop = class_energy_means(ck.model, ds.train_x, ds.train_y, k_classes, batch_size=batch_size, key=key).to(dev)
         bad = [c for c in wanted if not math.isfinite(float(stop[c]))]
         if bad:

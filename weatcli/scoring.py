@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import WeatInputError, WeatRunError
+from .fileio import file_digest
 from .sampling import cache_dir
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -177,14 +178,6 @@ class FeatureNet:
     forward: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _where_to_get() -> str:
     return f"{INCEPTION_FILE} (clean-fid's TorchScript Inception-v3, from {INCEPTION_URL})"
 
@@ -259,7 +252,7 @@ def inception_net(weights: Path, device: torch.device) -> FeatureNet:
                 probs = torch.softmax(feats @ base.output.weight.double().t(), dim=1)
         return feats.cpu(), None if probs is None else probs.cpu()
 
-    return FeatureNet("inception", "inception:" + _file_digest(weights)[:32], True, forward)
+    return FeatureNet("inception", "inception:" + file_digest(weights)[:32], True, forward)
 
 
 def classifier_net(checkpoint: Path, device: torch.device) -> tuple[FeatureNet, Any]:
@@ -281,7 +274,7 @@ def classifier_net(checkpoint: Path, device: torch.device) -> tuple[FeatureNet, 
             probs = torch.softmax(model(x).double(), dim=1) if want_probs else None
         return feats.cpu(), None if probs is None else probs.cpu()
 
-    net = FeatureNet(f"ckpt:{checkpoint}", "ckpt:" + _file_digest(checkpoint)[:32], False, forward)
+    net = FeatureNet(f"ckpt:{checkpoint}", "ckpt:" + file_digest(checkpoint)[:32], False, forward)
     return net, ck
 
 

@@ -283,7 +283,7 @@ def fit(
 
 
 def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt) -> FitResult:
-    t, a = cfg.train, cfg.attack
+    t = cfg.train
     torch.manual_seed(t.seed)  # model initialisation only; everything else uses explicit generators
     model = build(cfg.model.arch, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                   image_size=dataset.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
@@ -330,7 +330,7 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         _write_checkpoint(run_dir / "last.safetensors", tensors, meta)
 
     emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": batches, "start_epoch": start_epoch,
-                   "device": str(device), "method": t.method, "dataset": cfg.data.dataset})
+                   "device": str(device), "method": t.method, "dataset": cfg.data.dataset, "history": list(history)})
     t0 = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
         e0 = time.perf_counter()
