@@ -1,4 +1,5 @@
-"""The shared attack engine: PGD (Linf / L2, untargeted / targeted, CE / KL / CW objectives).
+"""The shared attack engine: PGD (Linf / L2, untargeted / targeted, CE / KL / CW objectives),
+target selection for targeted attacks, and an adapter to the official AutoAttack package.
 
 Every attack takes float NCHW images in [0,1] and guarantees |x_adv - x| <= eps and
 0 <= x_adv <= 1. Engine rules (DESIGN.md): gradients are taken w.r.t. the input only with the
@@ -7,12 +8,15 @@ are precomputed so a step is one add and one clamp, shapes stay fixed, and nothi
 syncs with the host.
 
 References: Madry et al. 2018 (PGD), Zhang et al. 2019 (TRADES KL attack), Carlini & Wagner 2017
-(margin loss, used here as a PGD objective as in the TRADES / MART evaluations).
+(margin loss, used here as a PGD objective as in the TRADES / MART evaluations), Croce & Hein 2020
+(AutoAttack: APGD-CE, APGD-DLR, APGD-T, FAB, FAB-T, Square; run by its authors' package).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import logging
+import sys
+from contextlib import contextmanager, redirect_stdout
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -167,3 +171,146 @@ def pgd_restarts(
         cand = pgd(model, x, y, targeted=targeted, generator=generator, **kwargs)
         best = torch.where(done.view(-1, 1, 1, 1), best, cand)
     return best
+
+
+# ----------------------------------------------------------------------------- targets
+
+TARGET_MODES = ("random", "least-likely")
+
+
+def choose_targets(
+    y: torch.Tensor,
+    logits_nat: torch.Tensor,
+    how: int | str,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Target classes for a targeted attack: (B,) labels, (B, K) clean logits -> (B,) targets.
+
+    how: an int C (every example aims at class C), "random" (a uniformly drawn wrong class per
+    example, from `generator`) or "least-likely" (the class with the lowest clean logit).
+    """
+    k = logits_nat.shape[1]
+    if how == "least-likely":
+        return logits_nat.argmin(1)
+    if how == "random":
+        # y + U{1..K-1} mod K: uniform over the K-1 classes that are not y.
+        shift = torch.randint(1, max(k, 2), y.shape, generator=generator, device=y.device)
+        return (y + shift) % k
+    if isinstance(how, int) and not isinstance(how, bool) and 0 <= how < k:
+        return torch.full_like(y, how)
+    raise ValueError(f"target class: expected an int in [0, {k}), 'random' or 'least-likely', got {how!r}")
+
+
+# ----------------------------------------------------------------------------- AutoAttack
+
+# The official package's attack names; `standard` is the version every paper table reports.
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+_AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
+# Fewest classes each part works with: the DLR losses read the 3rd (untargeted) and 4th
+# (targeted) largest logit, the targeted parts need at least one class besides the label.
+AUTOATTACK_MIN_CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "apgd-t": 4, "fab": 2, "fab-t": 2, "square": 2}
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: Literal["linf", "l2"] = "linf",
+    parts: tuple[str, ...] | list[str] = AUTOATTACK_STANDARD,
+    seed: int = 0,
+    num_classes: int | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Parts of AutoAttack (Croce & Hein, ICML 2020) through the official package `pyautoattack`.
+
+    Settings are those of its `standard` version for every part, so `apgd-ce` alone is exactly the
+    first stage of the standard evaluation: APGD 100 iterations and 1 restart, APGD-T and FAB-T 9
+    target classes (at most K - 1), FAB 1 restart, Square 5000 queries. The parts run in order on
+    the examples still classified correctly, all of x as one batch. Returns x_adv with the package's
+    convention: the adversarial point where some part succeeded, x itself elsewhere.
+
+    The package seeds torch's global generators; they are restored afterwards. Its log warnings go
+    to `on_warning` (deduplicated) and anything it prints goes to stderr, so stdout stays clean.
+    """
+    from pyautoattack import AutoAttack
+
+    unknown = [p for p in parts if p not in AUTOATTACK_PARTS]
+    if unknown:
+        raise ValueError(f"unknown AutoAttack part(s) {unknown}; expected some of {AUTOATTACK_PARTS}")
+    if eps == 0 or len(x) == 0:
+        return x.detach().clone()  # the eps-0 ball holds x alone
+    aa = AutoAttack(model, norm=_AUTOATTACK_NORMS[norm], eps=eps, seed=seed, version="standard", device=x.device)
+    aa.attacks_to_run = list(parts)
+    if num_classes is not None:
+        aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, num_classes - 1)
+        aa.fab.n_target_classes = min(aa.fab.n_target_classes, num_classes - 1)
+    collect = _Collect()
+    logger, propagate = aa.logger, aa.logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), redirect_stdout(sys.stderr):
+            x_adv, _ = aa.run_standard_evaluation(x.detach(), y, batch_size=len(x))
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = propagate
+    if on_warning is not None:
+        for message in dict.fromkeys(collect.messages):
+            on_warning(f"AutoAttack: {message}")
+    return x_adv.detach()
+
+
+# ----------------------------------------------------------------------------- a faster frozen model
+
+
+class _ChannelsLast(nn.Module):
+    """Feeds the wrapped net channels_last input (its weights are channels_last too)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x)
+
+
+def folded_eval_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A frozen eval-mode copy of `model` for input-gradient loops (attacks, sampling).
+
+    Batch norm is folded into the convolution before it (torch.fx), and weights and input are
+    channels_last: the same function up to float rounding, one pass fewer per BN layer in both
+    the forward and the backward (measured 15-25% less time per PGD step on a 2-core CPU for
+    small-cnn and ResNet-18). The model must be in eval mode (BN uses its running statistics).
+    Returns `model` itself when it cannot be traced, is not in eval mode, or when the copy's logits
+    on `example` (B, C, H, W) differ from the model's by more than float rounding.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if any(m.training for m in model.modules()):
+        return model
+    try:
+        net = fuse(model)  # a traced copy; `model` is left as it is
+    except Exception:  # not symbolically traceable (data-dependent control flow, custom ops)
+        return model
+    fast = _ChannelsLast(net.to(memory_format=torch.channels_last)).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        ref, out = model(example).float(), fast(example).float()
+    if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max()))):
+        return model
+    return fast
