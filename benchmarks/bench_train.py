@@ -86,9 +86,9 @@ def _sync(device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="digits-weat")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps per implementation")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps per block")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3, help="alternate the two implementations this many times")
+    ap.add_argument("--repeats", type=int, default=6, help="blocks per implementation, alternating")
     ap.add_argument("--synthetic", type=int, default=0, help="use N random uint8 images of the preset's shape")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -125,58 +125,67 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(_PILDataset(train_x.numpy(), train_y.numpy(), transforms.Compose(tf + [transforms.ToTensor()])),
                                          batch_size=bs, shuffle=True, drop_last=True, num_workers=0)
 
-    def time_reference(n):
-        model, opt = fresh_model()
-        it = iter(loader)
-        done, t0 = 0, None
-        while done < n + args.warmup:
-            try:
-                x, y = next(it)
-            except StopIteration:
-                it = iter(loader)
-                continue
-            if done == args.warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            reference_step(model, opt, x.to(device), y.to(device), cfg)
-            done += 1
-        _sync(device)
-        return (time.perf_counter() - t0) / n
-
+    # Per-step wall times, interleaved in blocks: this machine's timings are noisy (shared
+    # cores), so the figure is the median step of each implementation over all blocks.
+    ref_model, ref_opt = fresh_model()
+    our_model, our_opt = fresh_model()
     dev_x, dev_y = train_x.to(device), train_y.to(device)
+    g = generator_for(device, 0, 0)
+    perm = torch.randperm(len(dev_x), generator=g, device=device)
+    ref_iter = iter(loader)
+    our_pos = 0
 
-    def time_weat(n):
-        model, opt = fresh_model()
-        g = generator_for(device, 0, 0)
-        perm = torch.randperm(len(dev_x), generator=g, device=device)
-        t0 = None
-        for i in range(n + args.warmup):
-            if i == args.warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            j = (i * bs) % (len(dev_x) - bs + 1)
-            idx = perm[j : j + bs]
-            weat_step(model, opt, dev_x[idx], dev_y[idx], cfg, g)
-        _sync(device)
-        return (time.perf_counter() - t0) / n
+    def ref_batch():
+        nonlocal ref_iter
+        try:
+            return next(ref_iter)
+        except StopIteration:
+            ref_iter = iter(loader)
+            return next(ref_iter)
 
+    def one_reference():
+        x, y = ref_batch()  # the DataLoader's work is part of the reference step
+        reference_step(ref_model, ref_opt, x.to(device), y.to(device), cfg)
+
+    def one_weat():
+        nonlocal our_pos
+        if our_pos + bs > len(dev_x):
+            our_pos = 0
+        idx = perm[our_pos : our_pos + bs]
+        our_pos += bs
+        weat_step(our_model, our_opt, dev_x[idx], dev_y[idx], cfg, g)
+
+    def timed(fn, n):
+        out = []
+        for _ in range(n):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    timed(one_reference, args.warmup)
+    timed(one_weat, args.warmup)
     ref, ours = [], []
-    for _ in range(args.repeats):  # interleaved so drifting machine load hits both alike
-        ref.append(time_reference(args.steps))
-        ours.append(time_weat(args.steps))
-    ref_s, our_s = min(ref), min(ours)
+    for _ in range(args.repeats):
+        ref += timed(one_reference, args.steps)
+        ours += timed(one_weat, args.steps)
+    ref_s, our_s = float(np.median(ref)), float(np.median(ours))
     result = {
         "benchmark": "weat training step vs reference paper loop",
         "preset": args.preset, "arch": cfg.model.arch, "batch_size": bs, "attack_steps": cfg.attack.steps,
         "image_shape": [c, s, s], "device": str(device), "precision": args.precision,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "reference_s_per_step": ref_s, "weat_s_per_step": our_s, "ratio": ref_s / our_s,
+        "steps_timed": len(ref), "reference_s_per_step": ref_s,
+        "reference_s_per_step_quartiles": np.percentile(ref, [25, 75]).tolist(),
+        "weat_s_per_step_quartiles": np.percentile(ours, [25, 75]).tolist(), "weat_s_per_step": our_s, "ratio": ref_s / our_s,
         "reference_images_per_s": bs / ref_s, "weat_images_per_s": bs / our_s,
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"reference: {ref_s * 1e3:8.1f} ms/step  ({bs / ref_s:8.0f} img/s)")
-    print(f"weat:      {our_s * 1e3:8.1f} ms/step  ({bs / our_s:8.0f} img/s)")
+    print(f"reference: {ref_s * 1e3:8.1f} ms/step median of {len(ref)}  ({bs / ref_s:8.0f} img/s)")
+    print(f"weat:      {our_s * 1e3:8.1f} ms/step median of {len(ours)}  ({bs / our_s:8.0f} img/s)")
     print(f"ratio (reference / weat): {ref_s / our_s:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

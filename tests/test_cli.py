@@ -96,8 +96,9 @@ def test_train_flags_reach_the_engine(captured, capsys):
         (["train", "--set", "oops"], "--set"),
         (["train", "--epochs", "many"], "epochs"),
         (["train", "--no-such-flag"], "no-such-flag"),
-        (["attack", "model.safetensors"], "not available yet"),
-        (["sample"], "not available yet"),
+        (["attack", "model.safetensors"], "checkpoint: model.safetensors not found"),
+        (["sample", "model.safetensors", "--init", "gan"], "--init: unknown 'gan'"),
+        (["score", "nope.npz"], "SAMPLES: nope.npz not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, captured, capsys):
@@ -147,3 +148,17 @@ def test_weat_train_subprocess_prints_the_checkpoint_last(tmp_path):
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
+
+
+def test_train_display_warns_once_when_phase_3_starts(capsys):
+    display = cli._TrainDisplay()
+    with display:
+        display("start", {"epochs": 60, "start_epoch": 0, "method": "pgd-at", "dataset": "digits", "device": "cpu",
+                          "run_dir": "r", "history": []})
+        for e in range(1, 61):
+            delta = min(e, 5) * 0.1 if e <= 40 else 0.5 - (e - 40) * 0.1  # plateau at 0.5, then a collapse
+            row = {"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5, "energy_natural": -3.0,
+                   "energy_adversarial": -3.0 - delta, "delta_energy": delta, "seconds": 1.0}
+            display("epoch", {"row": row, "epochs": 60, "best_epoch": 1})
+    err = capsys.readouterr().err
+    assert err.count("phase 3") == 1 and "left its plateau at epoch 41:" in err

@@ -93,7 +93,7 @@ def _root(
 # ----------------------------------------------------------------------------- train
 
 
-def _epsilon_text(row: dict[str, Any]) -> str:
+def _row_text(row: dict[str, Any]) -> str:
     parts = [f"loss {row['train_loss']:.4f}", f"clean {row['clean_accuracy']:.3f}", f"robust {row['robust_accuracy']:.3f}"]
     parts += [f"E(x) {row['energy_natural']:.2f}", f"E(x*) {row['energy_adversarial']:.2f}", f"dE(x) {row['delta_energy']:+.3f}"]
     return "  ".join(parts)
@@ -111,6 +111,8 @@ class _TrainDisplay:
         )
         self.task = None
         self.epochs = 0
+        self.rows: list[dict[str, Any]] = []
+        self.phase3: int | None = None
 
     def __enter__(self) -> _TrainDisplay:
         self.progress.__enter__()
@@ -122,6 +124,7 @@ class _TrainDisplay:
     def __call__(self, kind: str, p: dict[str, Any]) -> None:
         if kind == "start":
             self.epochs = p["epochs"]
+            self.rows = list(p.get("history", []))  # a resumed run's earlier epochs
             verb = "resuming" if p["start_epoch"] else "training"
             err.print(f"{verb} {p['method']} on {p['dataset']} ({p['device']}) -> {p['run_dir']}", markup=False)
         elif kind == "batch":
@@ -133,10 +136,23 @@ class _TrainDisplay:
             row = p["row"]
             star = " *" if p["best_epoch"] == row["epoch"] else ""
             self.progress.console.print(
-                f"epoch {row['epoch']:>3}/{p['epochs']}  {_epsilon_text(row)}  ({row['seconds']:.1f} s){star}", markup=False, soft_wrap=True
+                f"epoch {row['epoch']:>3}/{p['epochs']}  {_row_text(row)}  ({row['seconds']:.1f} s){star}", markup=False, soft_wrap=True
             )
             if self.task is not None:
                 self.progress.reset(self.task, total=None)
+            self._watch_phase3(row)
+
+    def _watch_phase3(self, row: dict[str, Any]) -> None:
+        """Warn once when the energy gap dE(x) leaves its plateau: phase 3 (robust overfitting)."""
+        from .phases import detect_phases
+
+        self.rows.append(row)
+        if self.phase3 is None:
+            self.phase3 = detect_phases(self.rows).phase3_start
+            if self.phase3 is not None:
+                self.progress.console.print(
+                    f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
+                    "may have begun; --select energy keeps the epoch before it", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -191,8 +207,7 @@ def train(
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             with _TrainDisplay() as display:
-                result = fit(cfg, resume=resume, on_event=display, interrupt=interrupt) if cfg else fit(
-                    None, resume=resume, on_event=display, interrupt=interrupt)  # type: ignore[arg-type]
+                result = fit(cfg, resume=resume, on_event=display, interrupt=interrupt)
         except TrainingInterrupted as e:
             raise _fail(str(e), EXIT_INTERRUPTED) from None
         finally:
@@ -245,31 +260,563 @@ def presets_show(
     _guard(body)
 
 
-# ----------------------------------------------------------------------------- later issues
+# ----------------------------------------------------------------------------- attack
 
 
-def _not_yet(command: str) -> None:
-    raise _fail(f"'weat {command}' is not available yet in weat {__version__}", EXIT_INPUT)
+class _AttackDisplay:
+    """rich progress on stderr: one bar per attack stage; warnings and per-attack lines as they come."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err, transient=True)
+        self.task = None
+        self.stages: dict[str, list[str]] = {}
+
+    def __enter__(self) -> _AttackDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def _print(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, soft_wrap=True)
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start":
+            self._print(f"attacking {p['model']} on {p['dataset']} {p['split']} ({p['n']} images, {p['device']}), "
+                        f"{p['norm']} eps {p['eps']:.6g}: {', '.join(p['attacks'])}")
+        elif kind == "resume":
+            self._print(f"resuming from {p['path']}")
+        elif kind == "warning":
+            self._print(f"weat: warning: {p['message']}")
+        elif kind == "attack":
+            self.stages[p["attack"]] = p["stages"]
+        elif kind == "stage":
+            label = p["attack"] if self.stages.get(p["attack"]) == [p["stage"]] else f"{p['attack']}: {p['stage']}"
+            if self.task is None:
+                self.task = self.progress.add_task(label, total=p["total"], completed=p["done"])
+            else:
+                self.progress.reset(self.task, total=p["total"], completed=p["done"], description=label)
+        elif kind == "progress" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])
+        elif kind == "stage_done" and len(self.stages.get(p["attack"], [])) > 1:
+            self._print(f"{p['attack']}: robust accuracy after {p['stage']} {p['robust_accuracy']:.2%}")
+        elif kind == "done":
+            r = p["result"]
+            extra = f", target success {r.target_success_rate:.2%}" if r.target_success_rate is not None else ""
+            self._print(f"{p['attack']}: robust accuracy {r.robust_accuracy:.2%}{extra} ({r.seconds:.1f} s)")
 
 
-_PENDING = {
-    "attack": "Robust accuracy under PGD, CW and AutoAttack, with the energies of adversarial points.",
-    "energy": "The energy lens: natural vs adversarial energies, training phases, model comparison.",
-    "sample": "Generate images from a robust classifier with SGLD.",
-    "score": "Inception Score / FID / KID of generated samples.",
-}
+def _attack_table(result: Any) -> Any:
+    from rich.table import Table
+
+    def pm(mean: float, std: float) -> str:
+        return f"{mean:.3f} ± {std:.3f}"
+
+    info = result.info
+    table = Table(title=f"{result.model}: {info.get('dataset', '')} {info.get('split', '')}, n={result.n}, "
+                        f"{result.norm} eps={result.eps:.6g}", title_justify="left")
+    for col in ("attack", "accuracy", "E(x*) mean ± std", "dE(x)", "E(x*,y) mean", "dE(x,y)", "seconds"):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    e = next(iter(result.attacks.values())).energy
+    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["natural_mean"], e["natural_std"]), "",
+                  f"{e['joint_natural_mean']:.3f}", "", "")
+    for name, r in result.attacks.items():
+        e = r.energy
+        label = name
+        if r.target_success_rate is not None:
+            label += f" (targeted {r.settings['target_class']}, success {r.target_success_rate:.2%})"
+        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["adversarial_mean"], e["adversarial_std"]),
+                      f"{e['delta_mean']:+.3f}", f"{e['joint_adversarial_mean']:.3f}", f"{e['joint_delta_mean']:+.3f}",
+                      f"{r.seconds:.1f}")
+    if len(result.attacks) > 1:
+        table.add_row("worst case", f"{result.worst_case_accuracy:.2%}", "", "", "", "", "")
+    return table
 
 
-def _pending_command(name: str, help_text: str) -> None:
-    def command(args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None) -> None:
-        _not_yet(name)
+@app.command()
+def attack(
+    ckpt: Annotated[Optional[Path], typer.Argument(
+        metavar="CKPT", help="Checkpoint (model.safetensors); default: the newest runs/*/model.safetensors.")] = None,
+    attack_: Annotated[Optional[list[str]], typer.Option(
+        "--attack", "-a", help="pgd, cw, autoattack (standard: apgd-ce, apgd-t, fab-t, square) or one part: apgd-ce, "
+        "apgd-dlr, apgd-t, fab, fab-t, square. Repeat to run several on the same images (default pgd).")] = None,
+    eps: Annotated[Optional[str], typer.Option(help="Threat radius; fractions allowed: 8/255 (default: the checkpoint's).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="linf or l2 (default: the checkpoint's).")] = None,
+    steps: Annotated[int, typer.Option(help="PGD / CW steps.")] = 20,
+    step_size: Annotated[Optional[str], typer.Option(
+        help="PGD / CW step (default: the checkpoint's training ratio, 2/255 per 8/255).")] = None,
+    restarts: Annotated[int, typer.Option(help="PGD / CW random restarts (the worst case per image is kept).")] = 1,
+    targeted: Annotated[bool, typer.Option("--targeted", help="Targeted PGD / CW (AutoAttack parts pick their own targets).")] = False,
+    target_class: Annotated[Optional[str], typer.Option(
+        help="Target of --targeted: a class index, random (a wrong class per image) or least-likely; implies --targeted.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Attack the first N images (default 10000 or the whole split).")] = None,
+    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    batch_size: Annotated[int, typer.Option(help="Images per batch (AutoAttack too).")] = 500,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the checkpoint's); must fit the model.")] = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (PGD starts, random targets, AutoAttack).")] = 0,
+    save_adv: Annotated[Optional[Path], typer.Option(
+        help="Write the images, adversarial images and per-image energies to this .safetensors file.")] = None,
+    state: Annotated[Optional[Path], typer.Option(
+        help="Save progress to this file and resume from it when it exists (same options).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Robust accuracy under PGD, CW and AutoAttack, with the energies of adversarial points.
 
-    command.__doc__ = help_text
-    app.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
+    The checkpoint alone says which model, data and threat (eps, norm) to use; options override.
+    """
+
+    def body() -> None:
+        from .evaluate import evaluate_checkpoint
+
+        eps_value, step_value = _fraction_opt("--eps", eps), _fraction_opt("--step-size", step_size)
+        path = _checkpoint_or_newest(ckpt)
+        with _AttackDisplay() as display:
+            result = evaluate_checkpoint(
+                checkpoint=path, attacks=attack_ or ["pgd"], eps=eps_value, norm=norm, steps=steps,
+                step_size=step_value, restarts=restarts, targeted=targeted, target_class=target_class, n=n,
+                split=split, batch_size=batch_size, dataset=dataset, data_dir=data_dir, download=download,
+                device=device, seed=seed, save_adv=save_adv, state_path=state, on_event=display,
+            )
+        if save_adv is not None:
+            err.print(f"adversarial images written to {save_adv}", markup=False, soft_wrap=True)
+        if as_json:
+            _emit_json(result.summary())
+        else:
+            width = None if sys.stdout.isatty() else 160
+            Console(highlight=False, width=width).print(_attack_table(result))
+
+    _guard(body)
 
 
-for _name, _help in _PENDING.items():
-    _pending_command(_name, _help)
+# ----------------------------------------------------------------------------- sample / score
+
+
+def _checkpoint_or_newest(ckpt: Optional[Path]) -> Path:
+    """CKPT, else the newest runs/*/model.safetensors (named on stderr), else bad input."""
+    if ckpt is not None:
+        return ckpt
+    from .evaluate import newest_checkpoint
+
+    path = newest_checkpoint()
+    if path is None:
+        raise WeatInputError(f"CKPT: none given and no runs/*/model.safetensors under {Path.cwd()}; "
+                             "run 'weat train' first or pass a checkpoint path")
+    err.print(f"using the newest checkpoint {path}", markup=False, soft_wrap=True)
+    return path
+
+
+class _StepDisplay:
+    """rich progress on stderr for sample / score: one bar per stage; notes as they come."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err, transient=True)
+        self.task = None
+
+    def __enter__(self) -> _StepDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def _print(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, soft_wrap=True)
+
+    def _bar(self, label: str, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(label, total=total)
+        else:
+            self.progress.reset(self.task, total=total, completed=0, description=label)
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start" and "init" in p:
+            classes = ",".join(map(str, p["classes"]))
+            self._print(f"sampling {p['n']} images of classes {classes} from {p['checkpoint']} ({p['init']} init, "
+                        f"{p['steps']} SGLD steps, {p['device']})")
+            self._bar("SGLD image-steps", p["n"] * p["steps"])
+        elif kind == "start":
+            self._print(f"scoring {p['samples']}: n={p['n']}, reference {p['reference']}, features {p['features']} "
+                        f"({p['device']})")
+        elif kind == "stats":
+            self._print(f"computing class statistics of {p['dataset']} once -> {p['path']}")
+        elif kind == "step" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])  # image-steps so far
+        elif kind == "stage":
+            self._bar(f"features: {p['name']}", p["total"])
+        elif kind == "progress" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])
+
+
+@app.command()
+def sample(
+    ckpt: Annotated[Optional[Path], typer.Argument(
+        metavar="CKPT", help="Checkpoint (model.safetensors); default: the newest runs/*/model.safetensors.")] = None,
+    sgld_steps: Annotated[int, typer.Option(help="SGLD steps per sample.")] = 200,
+    n_per_class: Annotated[Optional[int], typer.Option(help="Samples per class (default 10).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Samples in all, split evenly over the classes (instead of --n-per-class).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Wanted classes, e.g. 0,3,7 (default all).")] = None,
+    init: Annotated[str, typer.Option(
+        help="Starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + 1e-4 I)), pca (the paper's "
+        "class-wise PCA) or noise (a training image plus Gaussian noise).")] = "informative",
+    step_size: Annotated[Optional[str], typer.Option(help="eta, the SGLD step; fractions allowed (default 0.1).")] = None,
+    momentum: Annotated[float, typer.Option(help="zeta, the momentum; 0 is plain SGLD (the paper also uses 0.8).")] = 0.0,
+    noise: Annotated[float, typer.Option(help="sigma, the std of the SGLD noise.")] = 0.001,
+    alpha: Annotated[Optional[float], typer.Option(help="Scale of the noise term (default sqrt(2 * eta)).")] = None,
+    pca_variance: Annotated[float, typer.Option(help="pca init: fraction r of each class's variance kept.")] = 0.9,
+    pca_sigma: Annotated[float, typer.Option(help="pca init: sigma_pca, scale of the singular values.")] = 0.005,
+    init_noise: Annotated[float, typer.Option(help="noise init: std of the noise added to the real image.")] = 0.1,
+    adaptive: Annotated[Optional[float], typer.Option(
+        help="Stop a sample once its E(x,y) is within this many energy units of its class's mean E(x,y) on the training "
+        "data (or below it).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per SGLD batch.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed (starting points and SGLD noise).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    data_dir: DataDirOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Samples file (default <checkpoint dir>/samples-<init>.safetensors).")] = None,
+    grid: Annotated[Optional[Path], typer.Option(help="PNG grid, one row per class (default: --out with .png).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate images from a robust classifier: SGLD with momentum on the joint energy E(x,y).
+
+    Writes the samples (uint8), their labels and initial / final E(x,y) to a safetensors file and a
+    PNG grid (first 10 per class); prints the samples path, so `weat score "$(weat sample)"` works.
+    """
+
+    def body() -> None:
+        from .sampling import sample_checkpoint
+
+        kwargs: dict[str, Any] = {}
+        if step_size is not None:
+            try:
+                kwargs["step_size"] = config_mod.parse_fraction(step_size)
+            except ValueError as e:
+                raise WeatInputError(f"--step-size: {e}") from None
+        path = _checkpoint_or_newest(ckpt)
+        with _StepDisplay() as display:
+            result = sample_checkpoint(
+                checkpoint=path, steps=sgld_steps, n_per_class=n_per_class, n=n, classes=classes, init=init,
+                momentum=momentum, noise=noise, alpha=alpha, pca_variance=pca_variance, pca_sigma=pca_sigma,
+                init_noise_std=init_noise, adaptive=adaptive, batch_size=batch_size, seed=seed, device=device,
+                data_dir=data_dir, out=out, grid=grid, on_event=display, **kwargs,
+            )
+        s = result.summary()
+        err.print(f"{s['n']} samples in {s['seconds']:.1f} s: {s['fraction_classified_as_asked']:.1%} classified as asked, "
+                  f"mean E(x,y) {s['energy_initial_mean']:.3f} -> {s['energy_final_mean']:.3f}; grid {s['files']['grid']}",
+                  markup=False, soft_wrap=True)
+        if as_json:
+            _emit_json(s)
+        else:
+            typer.echo(s["files"]["samples"])
+
+    _guard(body)
+
+
+def _score_table(result: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    table.add_column("metric", justify="left")
+    table.add_column("value", justify="right")
+    m = result.metrics
+    if m["fid"] is not None:
+        table.add_row("FID", f"{m['fid']:.3f}")
+    if m["kid"] is not None:
+        table.add_row("KID", f"{m['kid']:.5f}")
+    if m["is_mean"] is not None:
+        table.add_row("IS (mean ± std, 10 splits)", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}")
+    return table
+
+
+@app.command()
+def score(
+    samples: Annotated[Path, typer.Argument(
+        metavar="SAMPLES", help="A 'weat sample' .safetensors file, an .npz of images or a folder of PNGs.")],
+    ref: Annotated[Optional[str], typer.Option(
+        help="Reference set: DATASET[:split] (default: the training split of the samples' dataset), a folder of "
+        "images or a .safetensors / .npz file.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma list of fid, is, kid.")] = "fid,is,kid",
+    n: Annotated[Optional[int], typer.Option("--n", help="Score a fixed random subset of N samples (default all).")] = None,
+    features: Annotated[str, typer.Option(
+        help="inception (clean-fid's Inception-v3, clean mode) or a weat checkpoint: its penultimate features and "
+        "softmax (not comparable with Inception-based numbers).")] = "inception",
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="Local inception-2015-12-05.pt (default $WEAT_INCEPTION_WEIGHTS); nothing is downloaded then.")] = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Allow downloading the Inception weights or a missing reference dataset.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 100,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    data_dir: DataDirOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --n subset, the IS split shuffle and the KID subsets.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """FID and KID (clean-fid, clean mode) against a reference set, and the Inception Score (10 splits).
+
+    Reference statistics are cached ($WEAT_CACHE_DIR, else ~/.cache/weat), so a second call is fast.
+    """
+
+    def body() -> None:
+        from .scoring import score_samples
+
+        with _StepDisplay() as display:
+            result = score_samples(
+                samples=samples, ref=ref, metrics=metrics, n=n, features=features, inception_weights=inception_weights,
+                download=download, batch_size=batch_size, device=device, data_dir=data_dir, seed=seed,
+                on_event=display,
+            )
+        if as_json:
+            _emit_json(result.summary())
+        else:
+            width = None if sys.stdout.isatty() else 160
+            out = Console(highlight=False, width=width)
+            out.print(f"{samples}: n={result.n}" + (f" vs {result.reference}" if result.reference else "")
+                      + f"; features: {result.features}", markup=False, soft_wrap=True)
+            out.print(_score_table(result))
+            for note in result.notes:
+                out.print(f"note: {note}", markup=False, soft_wrap=True)
+
+    _guard(body)
+
+
+# ----------------------------------------------------------------------------- energy
+
+energy_app = typer.Typer(help="The energy lens: natural vs adversarial energies, training phases, model comparison.",
+                         no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(energy_app, name="energy")
+
+LensAttackOpt = Annotated[Optional[list[str]], typer.Option(
+    "--attack", "-a", help="Attack name (as in weat attack), '-targeted' suffix for pgd/cw; repeatable. "
+    "Default: pgd and pgd-targeted.")]
+LensNOpt = Annotated[int, typer.Option("--n", help="Test images (the first N).")]
+StepsOpt = Annotated[int, typer.Option(help="PGD / CW steps.")]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch.")]
+
+
+def _fraction_opt(flag: str, value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        return config_mod.parse_fraction(value)
+    except ValueError as e:
+        raise WeatInputError(f"{flag}: {e}") from None
+
+
+def _lens(ckpt: Optional[Path], attack_: Optional[list[str]], n: int, eps: Optional[str], steps: int, batch_size: int,
+          dataset: Optional[str], data_dir: Optional[str], device: Optional[str], seed: int) -> Any:
+    from .lens import DEFAULT_ATTACKS, energy_lens
+
+    if n < 1:
+        raise WeatInputError(f"--n: {n}; expected an integer >= 1")
+    path = _checkpoint_or_newest(ckpt)
+    with _AttackDisplay() as display:
+        return energy_lens(checkpoint=path, attacks=attack_ or list(DEFAULT_ATTACKS), n=n,
+                           eps=_fraction_opt("--eps", eps), steps=steps, batch_size=batch_size, dataset=dataset,
+                           data_dir=data_dir, device=device or "auto", seed=seed, on_event=display)
+
+
+def _stats_table(stats: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"energies of {stats['model']} ({stats['norm']} eps {stats['eps']:.4g}, n={stats['n']})")
+    for col in ("points", "quantity", "mean", "std", "q05", "median", "q95", "robust acc."):
+        table.add_column(col, justify="left" if col in ("points", "quantity") else "right")
+    for points, block in stats["energies"].items():
+        acc = stats["clean_accuracy"] if points == "clean" else stats["robust_accuracy"][points]
+        for i, (quantity, d) in enumerate(block.items()):
+            label = {"energy": "E(x)", "joint": "E(x,y)", "delta_energy": "dE(x)", "delta_joint": "dE(x,y)"}[quantity]
+            table.add_row(points if i == 0 else "", label, f"{d['mean']:.3f}", f"{d['std']:.3f}", f"{d['q05']:.3f}",
+                          f"{d['q50']:.3f}", f"{d['q95']:.3f}", f"{acc:.2%}" if i == 0 else "")
+    return table
+
+
+def _print_table(table: Any) -> None:
+    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@energy_app.command("stats")
+def energy_stats(
+    ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
+    attack_: LensAttackOpt = None,
+    n: LensNOpt = 1000,
+    eps: EpsOpt = None,
+    steps: StepsOpt = 20,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Also per true class.")] = False,
+    batch_size: BatchOpt = 500,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Distributions of E(x), E(x,y), dE(x), dE(x,y) for clean images and each attack."""
+
+    def body() -> None:
+        from .lens import lens_stats
+
+        stats = lens_stats(_lens(ckpt, attack_, n, eps, steps, batch_size, dataset, data_dir, device, seed), per_class=per_class)
+        if as_json:
+            _emit_json(stats)
+        else:
+            _print_table(_stats_table(stats))
+
+    _guard(body)
+
+
+def _run_label(run_dir: Path, taken: set[str]) -> str:
+    cfg_path = run_dir / "config.toml"
+    label = run_dir.name
+    if cfg_path.is_file():
+        try:
+            label = config_mod.validate(config_mod.read_toml(cfg_path)).train.method
+        except WeatInputError:
+            pass
+    return label if label not in taken else f"{label} ({run_dir.name})"
+
+
+@energy_app.command("plot")
+def energy_plot(
+    targets: Annotated[list[Path], typer.Argument(metavar="CKPT | RUN_DIR...", help="One checkpoint (energy histograms) or run directories (training dynamics).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the plotted numbers go next to it as .json.")],
+    attack_: LensAttackOpt = None,
+    n: LensNOpt = 1000,
+    eps: EpsOpt = None,
+    steps: StepsOpt = 20,
+    batch_size: BatchOpt = 500,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """A checkpoint: overlaid histograms of E(x) and E(x,y), clean vs each attack.
+    Run directories: PGD robust error (test) and mean dE(x) (train) per epoch, phases marked."""
+
+    def body() -> None:
+        from . import plots
+        from .phases import detect_phases, read_metrics
+
+        if all(t.is_dir() for t in targets):
+            runs, phases, taken = {}, {}, set()
+            for run_dir in targets:
+                label = _run_label(run_dir, taken)
+                taken.add(label)
+                runs[label] = read_metrics(run_dir)
+                if not runs[label]:
+                    raise WeatInputError(f"{run_dir / 'metrics.jsonl'}: no epochs recorded yet")
+                phases[label] = detect_phases(runs[label])
+                p = phases[label]
+                where = f"phase 3 (robust overfitting) from epoch {p.phase3_start}" if p.phase3_start else "no phase 3 detected"
+                err.print(f"{label}: {where}; best robust epoch {p.best_epoch}", markup=False, soft_wrap=True)
+            written = plots.training_dynamics(runs, out, phases=phases, title="training dynamics")
+            summary = {"png": str(out), "json": str(out.with_suffix(".json")),
+                       "phases": {k: v.to_dict() for k, v in phases.items()}}
+        elif len(targets) == 1 and targets[0].is_file():
+            lens = _lens(targets[0], attack_, n, eps, steps, batch_size, dataset, data_dir, device, seed)
+            title = f"{targets[0]}: {lens.norm} eps {lens.eps:.4g}, n={lens.n}"
+            written = plots.energy_histograms(lens.series(), out, title=title)
+            summary = {"png": str(out), "json": str(out.with_suffix(".json")), "n": lens.n,
+                       "means": written.get("means")}
+        else:
+            missing = [str(t) for t in targets if not t.exists()]
+            raise WeatInputError(f"{missing[0]} not found" if missing else
+                                 "expected one checkpoint file or one or more run directories, not a mix")
+        if as_json:
+            _emit_json(summary)
+        else:
+            typer.echo(str(out))
+
+    _guard(body)
+
+
+@energy_app.command("compare")
+def energy_compare(
+    ckpts: Annotated[list[Path], typer.Argument(metavar="CKPT...", help="Checkpoints to compare.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the numbers go next to it as .json.")],
+    attack_: Annotated[str, typer.Option("--attack", "-a", help="The attack whose dE is compared.")] = "pgd",
+    n: LensNOpt = 1000,
+    eps: EpsOpt = None,
+    steps: StepsOpt = 20,
+    batch_size: BatchOpt = 500,
+    device: DeviceOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per model, violins of dE(x) and dE(x,y) side by side, ordered by robust accuracy:
+    stronger models concentrate dE(x) at 0 (they smooth the energy landscape)."""
+
+    def body() -> None:
+        from . import plots
+
+        models, taken = {}, set()
+        for path in ckpts:
+            lens = _lens(path, [attack_], n, eps, steps, batch_size, None, None, device, seed)
+            label = path.parent.name if path.name == "model.safetensors" else path.stem
+            label = label if label not in taken else str(path)
+            taken.add(label)
+            d = lens.attacks[attack_]
+            models[label] = {"delta_energy": d["delta_energy"].numpy(), "delta_joint": d["delta_joint"].numpy(),
+                             "robust_accuracy": lens.robust_accuracy[attack_]}
+        written = plots.compare_violins(models, out, title=f"dE under {attack_}")
+        if as_json:
+            _emit_json({"png": str(out), "json": str(out.with_suffix(".json")), **written})
+        else:
+            typer.echo(str(out))
+
+    _guard(body)
+
+
+@energy_app.command("trades")
+def energy_trades(
+    ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
+    n: LensNOpt = 1000,
+    eps: EpsOpt = None,
+    steps: Annotated[int, typer.Option(help="Steps of the TRADES KL attack.")] = 10,
+    batch_size: BatchOpt = 500,
+    device: DeviceOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """TRADES in energies: KL(p(.|x)||p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*)),
+    per term, checked against the directly computed KL."""
+
+    def body() -> None:
+        from . import checkpoint as ckpt_mod
+        from . import data as data_mod
+        from .lens import trades_decomposition
+        from .train import generator_for, resolve_device
+
+        path = _checkpoint_or_newest(ckpt)
+        dev = resolve_device(device or "auto")
+        loaded = ckpt_mod.load(path, device=dev)
+        cfg = loaded.config
+        ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
+        if n < 1 or n > len(ds.test_x):
+            raise WeatInputError(f"--n: {n}; expected 1..{len(ds.test_x)} (the test split's size)")
+        eps_value = _fraction_opt("--eps", eps) or cfg.attack.eps
+        step = cfg.attack.step_size * eps_value / cfg.attack.eps
+        result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n]), ds.test_y[:n], eps=eps_value,
+                                      step_size=step, steps=steps, batch_size=batch_size,
+                                      generator=generator_for(dev, seed, 7))
+        result["model"] = str(path)
+        if as_json:
+            _emit_json(result)
+        else:
+            typer.echo(f"KL(p(.|x) || p(.|x*))          {result['kl_mean']:.6f}  (mean over {result['n']} images)")
+            typer.echo(f"E_k~p[E(x*,k) - E(x,k)]        {result['joint_term_mean']:.6f}")
+            typer.echo(f"E(x) - E(x*)                   {result['marginal_term_mean']:.6f}")
+            typer.echo(f"max |KL - sum of terms|        {result['max_abs_gap']:.3g}")
+
+    _guard(body)
 
 
 # ----------------------------------------------------------------------------- entry point
