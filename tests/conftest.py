@@ -43,3 +43,37 @@ def tiny_config(tmp_path: Path | None = None, **sets) -> config_mod.RunConfig:
         overrides["train.out"] = str(tmp_path / "run")
     overrides.update(sets)
     return config_mod.resolve(preset="digits-weat", overrides=overrides)
+
+
+_TRAINED: dict[tuple[str, int], object] = {}
+
+
+def trained_run(tmp_path_factory, method: str, epochs: int = 3):
+    """A small-cnn digits run (FitResult) trained once per test session and shared by every module."""
+    from weatcli.train import fit
+
+    key = (method, epochs)
+    if key not in _TRAINED:
+        root = tmp_path_factory.mktemp(f"trained-{method}-{epochs}")
+        _TRAINED[key] = fit(tiny_config(root, **{"train.method": method, "train.epochs": epochs, "train.batch_size": 64}))
+    return _TRAINED[key]
+
+
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """PGD-AT, 3 epochs: the attack tests' model."""
+    return trained_run(tmp_path_factory, "pgd-at").checkpoint
+
+
+def robust_checkpoint(tmp_path_factory) -> Path:
+    """TRADES, 3 epochs: the sampling, scoring and energy tests' model."""
+    return trained_run(tmp_path_factory, "trades").checkpoint
+
+
+def run_cli(argv, capsys):
+    """`weat ARGV` in-process: (exit code, stdout, stderr)."""
+    from weatcli import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from weatcli import __version__, cli
 from weatcli import train as train_mod
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture
@@ -41,27 +37,27 @@ def captured(monkeypatch, tmp_path):
 
 
 def test_help_lists_every_command(capsys):
-    code, out, _ = run(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
     for command in ("train", "attack", "energy", "sample", "score", "presets"):
         assert command in out
 
 
 def test_version(capsys):
-    assert run(["--version"], capsys)[:2] == (0, f"weat {__version__}\n")
+    assert run_cli(["--version"], capsys)[:2] == (0, f"weat {__version__}\n")
 
 
 def test_presets_list_and_show(capsys):
-    code, out, _ = run(["presets", "list", "--json"], capsys)
+    code, out, _ = run_cli(["presets", "list", "--json"], capsys)
     listing = json.loads(out)
     assert code == 0 and "digits-weat" in listing and "cifar10-mail-trades" in listing
-    code, out, _ = run(["presets", "show", "svhn-weat-adv"], capsys)
+    code, out, _ = run_cli(["presets", "show", "svhn-weat-adv"], capsys)
     assert code == 0 and 'dataset = "svhn"' in out and "lr = 0.01" in out
-    assert run(["presets", "show", "nope"], capsys)[0] == 2
+    assert run_cli(["presets", "show", "nope"], capsys)[0] == 2
 
 
 def test_train_without_arguments_is_weat_on_digits(captured, capsys):
-    code, out, err = run(["train"], capsys)
+    code, out, err = run_cli(["train"], capsys)
     cfg = captured["cfg"]
     assert code == 0 and (cfg.data.dataset, cfg.train.method, cfg.model.arch) == ("digits", "weat-adv", "small-cnn")
     assert out.strip().splitlines()[-1].endswith("model.safetensors")
@@ -69,7 +65,7 @@ def test_train_without_arguments_is_weat_on_digits(captured, capsys):
 
 
 def test_train_flags_reach_the_engine(captured, capsys):
-    code, out, _ = run(["train", "--dataset", "svhn", "--method", "weat", "--epochs", "3", "--eps", "4/255", "--lr", "0.02",
+    code, out, _ = run_cli(["train", "--dataset", "svhn", "--method", "weat", "--epochs", "3", "--eps", "4/255", "--lr", "0.02",
                         "--batch-size", "64", "--seed", "7", "--device", "cpu", "--arch", "preact-resnet18", "--data-dir", "/d",
                         "--out", "/o", "--download", "--set", "train.beta=3", "--json"], capsys)
     cfg = captured["cfg"]
@@ -102,7 +98,7 @@ def test_train_flags_reach_the_engine(captured, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, captured, capsys):
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -114,18 +110,18 @@ def test_engine_errors_map_to_exit_codes(monkeypatch, capsys):
         def boom(*a, _exc=exc, **k):
             raise _exc
         monkeypatch.setattr(train_mod, "fit", boom)
-        got, out, err = run(["train"], capsys)
+        got, out, err = run_cli(["train"], capsys)
         assert got == code and out == "" and str(exc) in err and len(err.strip().splitlines()) == 1
 
 
 def test_real_bad_inputs_end_to_end(tmp_path, capsys):
     # Missing dataset files: the exact expected files are named.
-    code, _, err = run(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "data_batch_1" in err and len(err.strip().splitlines()) == 1
     # Corrupt checkpoint for --resume.
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "last.safetensors").write_bytes(b"garbage")
-    code, _, err = run(["train", "--resume", str(tmp_path / "bad")], capsys)
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "bad")], capsys)
     assert code == 2 and "last.safetensors" in err
     assert (tmp_path / "bad" / "last.safetensors").read_bytes() == b"garbage"
 

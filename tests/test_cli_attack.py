@@ -11,20 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_cifar10
-from test_evaluate import trained_checkpoint
+from conftest import run_cli, trained_checkpoint, write_cifar10
 from weatcli import checkpoint as ckpt
-from weatcli import cli
 
 ENERGY_KEYS = {"natural_mean", "natural_std", "adversarial_mean", "adversarial_std", "delta_mean",
                "joint_natural_mean", "joint_adversarial_mean", "joint_delta_mean"}
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +24,7 @@ def model_path(tmp_path_factory):
 
 
 def test_json_has_exactly_the_documented_keys(model_path, capsys):
-    code, out, err = run(["attack", str(model_path), "-a", "pgd", "-a", "cw", "--n", "64", "--steps", "5", "--json"], capsys)
+    code, out, err = run_cli(["attack", str(model_path), "-a", "pgd", "-a", "cw", "--n", "64", "--steps", "5", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)  # stdout is one JSON object and nothing else
     assert list(result) == ["model", "eps", "norm", "n", "clean_accuracy", "attacks", "worst_case_accuracy"]
@@ -48,7 +39,7 @@ def test_json_has_exactly_the_documented_keys(model_path, capsys):
 
 
 def test_table_on_stdout(model_path, capsys):
-    code, out, err = run(["attack", str(model_path), "--n", "32", "--steps", "2", "--eps", "8/255"], capsys)
+    code, out, err = run_cli(["attack", str(model_path), "--n", "32", "--steps", "2", "--eps", "8/255"], capsys)
     assert code == 0, err
     assert "pgd" in out and "clean" in out and "E(x*)" in out and "eps=0.0313725" in out
     assert "attacking" not in out and "attacking" in err
@@ -56,7 +47,7 @@ def test_table_on_stdout(model_path, capsys):
 
 def test_save_adv_round_trip(model_path, tmp_path, capsys):
     path = tmp_path / "adv.safetensors"
-    code, out, err = run(["attack", str(model_path), "-a", "pgd", "-a", "cw", "--n", "48", "--steps", "5",
+    code, out, err = run_cli(["attack", str(model_path), "-a", "pgd", "-a", "cw", "--n", "48", "--steps", "5",
                           "--batch-size", "20", "--targeted", "--save-adv", str(path), "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -85,14 +76,14 @@ def test_save_adv_round_trip(model_path, tmp_path, capsys):
 
 def test_default_checkpoint_is_the_newest_run(model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(["attack", "--n", "8"], capsys)
+    code, out, err = run_cli(["attack", "--n", "8"], capsys)
     assert code == 2 and out == "" and "weat train" in err and len(err.strip().splitlines()) == 1
     for i, name in enumerate(("old", "new")):
         (tmp_path / "runs" / name).mkdir(parents=True)
         shutil.copy(model_path, tmp_path / "runs" / name / "model.safetensors")
         stamp = time.time() - 100 + 50 * i
         os.utime(tmp_path / "runs" / name / "model.safetensors", (stamp, stamp))
-    code, out, err = run(["attack", "--n", "8", "--steps", "1", "--json"], capsys)
+    code, out, err = run_cli(["attack", "--n", "8", "--steps", "1", "--json"], capsys)
     assert code == 0, err
     newest = os.path.join("runs", "new", "model.safetensors")
     assert json.loads(out)["model"] == newest and f"using the newest checkpoint {newest}" in err
@@ -101,12 +92,12 @@ def test_default_checkpoint_is_the_newest_run(model_path, tmp_path, monkeypatch,
 def test_state_file_resumes(model_path, tmp_path, capsys):
     argv = ["attack", str(model_path), "--n", "40", "--steps", "3", "--batch-size", "16",
             "--state", str(tmp_path / "state.safetensors"), "--json"]
-    code, first, err = run(argv, capsys)
+    code, first, err = run_cli(argv, capsys)
     assert code == 0 and "resuming" not in err
-    code, second, err = run(argv, capsys)
+    code, second, err = run_cli(argv, capsys)
     assert code == 0 and "resuming" in err
     assert json.loads(first) == json.loads(second)
-    code, out, err = run(argv[:-1] + ["--eps", "0.2", "--json"], capsys)
+    code, out, err = run_cli(argv[:-1] + ["--eps", "0.2", "--json"], capsys)
     assert code == 2 and out == "" and "--state" in err and "eps" in err
 
 
@@ -119,7 +110,7 @@ def test_probability_outputs_are_warned_about(model_path, monkeypatch, capsys):
         return c
 
     monkeypatch.setattr(ckpt, "load", load_softmax)
-    code, out, err = run(["attack", str(model_path), "--n", "16", "--steps", "1", "--json"], capsys)
+    code, out, err = run_cli(["attack", str(model_path), "--n", "16", "--steps", "1", "--json"], capsys)
     assert code == 0 and json.loads(out)["n"] == 16
     assert "weat: warning: model outputs look like probabilities" in err
 
@@ -163,6 +154,6 @@ def foreign_files(tmp_path_factory):
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, model_path, foreign_files, capsys):
     argv = ["attack"] + [a.format(root=foreign_files, ckpt=model_path) for a in args] + ["--json"]
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

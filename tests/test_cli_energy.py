@@ -6,24 +6,14 @@ import json
 
 import pytest
 
-from conftest import tiny_config
-from weatcli import cli
-from weatcli.train import fit
+from conftest import run_cli, trained_run
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("energy-cli")
-    a = fit(tiny_config(root / "a", **{"train.method": "trades", "train.epochs": 3, "train.batch_size": 64}))
-    b = fit(tiny_config(root / "b", **{"train.method": "standard", "train.epochs": 2, "train.batch_size": 64}))
-    return a, b
+    return trained_run(tmp_path_factory, "trades"), trained_run(tmp_path_factory, "standard", epochs=2)
 
 
 def _png_ok(path):
@@ -32,7 +22,7 @@ def _png_ok(path):
 
 
 def test_stats_json(trained, capsys):
-    code, out, err = run(["energy", "stats", str(trained[0].checkpoint), "--n", "40", "--steps", "3", "--json", "--per-class"], capsys)
+    code, out, err = run_cli(["energy", "stats", str(trained[0].checkpoint), "--n", "40", "--steps", "3", "--json", "--per-class"], capsys)
     assert code == 0, err
     stats = json.loads(out)
     assert set(stats["energies"]) == {"clean", "pgd", "pgd-targeted"}
@@ -42,7 +32,7 @@ def test_stats_json(trained, capsys):
 
 def test_plot_checkpoint_and_run_dirs(trained, tmp_path, capsys):
     fig = tmp_path / "figs" / "hist.png"
-    code, out, err = run(["energy", "plot", str(trained[0].checkpoint), "--out", str(fig), "--n", "40", "--steps", "3",
+    code, out, err = run_cli(["energy", "plot", str(trained[0].checkpoint), "--out", str(fig), "--n", "40", "--steps", "3",
                           "-a", "pgd", "-a", "cw-targeted"], capsys)
     assert code == 0, err
     assert out.strip() == str(fig)
@@ -51,7 +41,7 @@ def test_plot_checkpoint_and_run_dirs(trained, tmp_path, capsys):
     assert all(sum(c["energy"]) == 40 for c in numbers["counts"].values())
 
     dyn = tmp_path / "dyn.png"
-    code, out, err = run(["energy", "plot", str(trained[0].run_dir), str(trained[1].run_dir), "--out", str(dyn), "--json"], capsys)
+    code, out, err = run_cli(["energy", "plot", str(trained[0].run_dir), str(trained[1].run_dir), "--out", str(dyn), "--json"], capsys)
     assert code == 0, err
     summary = json.loads(out)
     assert set(summary["phases"]) == {"trades", "standard"}
@@ -62,7 +52,7 @@ def test_plot_checkpoint_and_run_dirs(trained, tmp_path, capsys):
 
 def test_compare_orders_by_robust_accuracy(trained, tmp_path, capsys):
     fig = tmp_path / "cmp.png"
-    code, out, err = run(["energy", "compare", str(trained[1].checkpoint), str(trained[0].checkpoint), "--out", str(fig),
+    code, out, err = run_cli(["energy", "compare", str(trained[1].checkpoint), str(trained[0].checkpoint), "--out", str(fig),
                           "--n", "40", "--steps", "3", "--json"], capsys)
     assert code == 0, err
     _png_ok(fig)
@@ -70,7 +60,7 @@ def test_compare_orders_by_robust_accuracy(trained, tmp_path, capsys):
 
 
 def test_trades_identity_from_the_cli(trained, capsys):
-    code, out, err = run(["energy", "trades", str(trained[0].checkpoint), "--n", "32", "--steps", "3", "--json"], capsys)
+    code, out, err = run_cli(["energy", "trades", str(trained[0].checkpoint), "--n", "32", "--steps", "3", "--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
     assert r["max_abs_gap"] < 1e-9 and r["kl_mean"] == pytest.approx(r["joint_term_mean"] + r["marginal_term_mean"], abs=1e-9)
@@ -84,5 +74,5 @@ def test_trades_identity_from_the_cli(trained, capsys):
 ])
 def test_bad_input(argv, needle, trained, capsys):
     argv = [str(trained[0].checkpoint) if a == "CKPT" else a for a in argv]
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1

@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from test_sampling import robust_checkpoint
+from conftest import run_cli, robust_checkpoint
 from weatcli import cli, sampling, scoring
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +38,13 @@ def small(tmp_path, *extra):
 
 
 def test_sample_prints_the_samples_path_and_writes_the_grid(model_path, tmp_path, capsys):
-    code, out, err = run(["sample", str(model_path), *small(tmp_path)], capsys)
+    code, out, err = run_cli(["sample", str(model_path), *small(tmp_path)], capsys)
     assert code == 0 and out == f"{tmp_path / 's.safetensors'}\n"
     assert (tmp_path / "s.png").is_file() and "classified as asked" in err
 
 
 def test_sample_json(model_path, tmp_path, capsys):
-    code, out, _ = run(["sample", str(model_path), *small(tmp_path, "--grid", str(tmp_path / "g.png"), "--json")], capsys)
+    code, out, _ = run_cli(["sample", str(model_path), *small(tmp_path, "--grid", str(tmp_path / "g.png"), "--json")], capsys)
     s = json.loads(out)
     assert code == 0 and s["n"] == 4 and 0 <= s["fraction_classified_as_asked"] <= 1
     assert {"seconds", "energy_final_mean", "files"} <= set(s) and s["files"]["grid"] == str(tmp_path / "g.png")
@@ -69,7 +64,7 @@ def test_sample_flags_reach_the_engine(monkeypatch, tmp_path, capsys):
                                      files={"samples": "x.safetensors", "grid": "x.png"})
 
     monkeypatch.setattr(sampling, "sample_checkpoint", fake)
-    code, out, _ = run(["sample", "m.safetensors", "--sgld-steps", "30", "--n", "7", "--classes", "1,2", "--init", "pca",
+    code, out, _ = run_cli(["sample", "m.safetensors", "--sgld-steps", "30", "--n", "7", "--classes", "1,2", "--init", "pca",
                         "--step-size", "1/20", "--momentum", "0.8", "--noise", "0.01", "--alpha", "1", "--pca-variance",
                         "0.95", "--pca-sigma", "0.02", "--adaptive", "0.5", "--seed", "3"], capsys)
     assert code == 0 and out == "x.safetensors\n"
@@ -77,7 +72,7 @@ def test_sample_flags_reach_the_engine(monkeypatch, tmp_path, capsys):
     assert seen["step_size"] == pytest.approx(0.05) and (seen["momentum"], seen["noise"], seen["alpha"]) == (0.8, 0.01, 1.0)
     assert (seen["init"], seen["pca_variance"], seen["pca_sigma"], seen["adaptive"], seen["seed"]) == ("pca", 0.95, 0.02, 0.5, 3)
     seen.clear()
-    assert run(["sample", "m.safetensors"], capsys)[0] == 0
+    assert run_cli(["sample", "m.safetensors"], capsys)[0] == 0
     assert "step_size" not in seen  # unset: the engine's default applies
 
 
@@ -91,19 +86,19 @@ def test_cli_defaults_are_the_engines(monkeypatch, capsys):
              "pca_sigma": "pca_sigma", "init_noise": "init_noise_std", "batch_size": "batch_size", "seed": "seed"}
     for flag, param in pairs.items():
         assert command[flag].default == engine[param].default, flag
-    assert f"default {sampling.DEFAULT_STEP_SIZE:g})" in run(["sample", "--help"], capsys)[1]
-    assert f"default {sampling.DEFAULT_N_PER_CLASS})" in run(["sample", "--help"], capsys)[1]
+    assert f"default {sampling.DEFAULT_STEP_SIZE:g})" in run_cli(["sample", "--help"], capsys)[1]
+    assert f"default {sampling.DEFAULT_N_PER_CLASS})" in run_cli(["sample", "--help"], capsys)[1]
 
 
 def test_sample_without_checkpoint_uses_the_newest_run(model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(["sample", *small(tmp_path)], capsys)
+    code, _, err = run_cli(["sample", *small(tmp_path)], capsys)
     assert code == 2 and "weat train" in err and len(err.strip().splitlines()) == 1
     for name in ("old", "new"):
         (tmp_path / "runs" / name).mkdir(parents=True)
         shutil.copy(model_path, tmp_path / "runs" / name / "model.safetensors")
     os.utime(tmp_path / "runs" / "old" / "model.safetensors", (1, 1))
-    code, out, err = run(["sample", *small(tmp_path)], capsys)
+    code, out, err = run_cli(["sample", *small(tmp_path)], capsys)
     assert code == 0 and f"using the newest checkpoint {Path('runs/new/model.safetensors')}" in err
     assert out.strip() == str(tmp_path / "s.safetensors")
 
@@ -115,19 +110,19 @@ def test_sample_without_checkpoint_uses_the_newest_run(model_path, tmp_path, mon
     (["--step-size", "1/0"], "--step-size"),
 ])
 def test_sample_bad_input_is_one_line_and_exit_2(model_path, tmp_path, capsys, args, message):
-    code, out, err = run(["sample", str(model_path), "--device", "cpu", "--out", str(tmp_path / "s.safetensors"), *args],
+    code, out, err = run_cli(["sample", str(model_path), "--device", "cpu", "--out", str(tmp_path / "s.safetensors"), *args],
                          capsys)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_pipeline_sample_then_score_with_classifier_features(model_path, tmp_path, capsys):
-    code, path, _ = run(["sample", str(model_path), *small(tmp_path, "--n-per-class", "5")], capsys)
+    code, path, _ = run_cli(["sample", str(model_path), *small(tmp_path, "--n-per-class", "5")], capsys)
     assert code == 0
-    code, out, _ = run(["score", path.strip(), "--features", str(model_path), "--device", "cpu", "--json"], capsys)
+    code, out, _ = run_cli(["score", path.strip(), "--features", str(model_path), "--device", "cpu", "--json"], capsys)
     s = json.loads(out)
     assert code == 0 and {"fid", "kid", "is_mean", "is_std", "n", "reference", "features"} <= set(s)
     assert s["n"] == 10 and s["reference"].startswith("digits:train") and s["comparable_with_inception"] is False
-    code, out, _ = run(["score", path.strip(), "--features", str(model_path), "--device", "cpu", "--metrics", "is"], capsys)
+    code, out, _ = run_cli(["score", path.strip(), "--features", str(model_path), "--device", "cpu", "--metrics", "is"], capsys)
     assert code == 0 and "│ IS" in out and "│ FID" not in out and "not comparable" in out
 
 
@@ -135,7 +130,7 @@ def test_score_offline_without_inception_weights_exits_2_naming_the_file(tmp_pat
     import numpy as np
 
     np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
-    code, out, err = run(["score", str(tmp_path / "x.npz"), "--ref", str(tmp_path / "x.npz")], capsys)
+    code, out, err = run_cli(["score", str(tmp_path / "x.npz"), "--ref", str(tmp_path / "x.npz")], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert scoring.INCEPTION_FILE in err and scoring.INCEPTION_URL in err
 
@@ -146,7 +141,7 @@ def test_score_offline_without_inception_weights_exits_2_naming_the_file(tmp_pat
 ])
 def test_score_bad_samples_exit_2(tmp_path, capsys, make, message):
     make(tmp_path / "bad.npz")
-    code, out, err = run(["score", str(tmp_path / "bad.npz"), "--features", "inception"], capsys)
+    code, out, err = run_cli(["score", str(tmp_path / "bad.npz"), "--features", "inception"], capsys)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import robust_checkpoint
 from weatcli import checkpoint as ckpt
 from weatcli import data as data_mod
 from weatcli.errors import WeatInputError
 from weatcli.lens import check_lens_attacks, energy_lens, lens_stats, trades_decomposition
-from weatcli.train import fit
 
 
 @pytest.fixture(scope="module")
 def robust_ckpt(tmp_path_factory):
-    run = tmp_path_factory.mktemp("lens")
-    return fit(tiny_config(run, **{"train.method": "trades", "train.epochs": 3, "train.batch_size": 64})).checkpoint
+    return robust_checkpoint(tmp_path_factory)
 
 
 def test_energies_are_those_of_the_model_logits(robust_ckpt):

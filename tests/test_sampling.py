@@ -12,26 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_config
+from conftest import robust_checkpoint
 from weatcli import checkpoint as ckpt
 from weatcli import sampling
 from weatcli.attacks import attack_mode
 from weatcli.energy import joint_energy
 from weatcli.errors import WeatInputError
-
-_TRAINED: dict[str, Path] = {}
-
-
-def robust_checkpoint(tmp_path_factory) -> Path:
-    """A TRADES small-cnn on digits, trained once per session (a few seconds)."""
-    if "path" not in _TRAINED:
-        from weatcli.train import fit
-
-        root = tmp_path_factory.mktemp("sample-model")
-        result = fit(tiny_config(root, **{"train.method": "trades", "train.epochs": 3, "train.batch_size": 64}))
-        _TRAINED["path"] = result.checkpoint
-    return _TRAINED["path"]
-
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from test_sampling import robust_checkpoint
+from conftest import robust_checkpoint
 from weatcli import data as data_mod
 from weatcli import sampling, scoring
 from weatcli.errors import WeatInputError

@@ -99,34 +99,44 @@ def _row_text(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-class _TrainDisplay:
-    """rich progress on stderr: one bar per epoch, one summary line per finished epoch."""
+class _ProgressDisplay:
+    """A transient rich progress bar on stderr with one reusable task; lines printed above it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_columns: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=err, transient=True,
-        )
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
+                                 TimeElapsedColumn(), console=err, transient=True)
         self.task = None
-        self.epochs = 0
-        self.rows: list[dict[str, Any]] = []
-        self.phase3: int | None = None
 
-    def __enter__(self) -> _TrainDisplay:
+    def __enter__(self):
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
+    def _print(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, soft_wrap=True)
+
+
+class _TrainDisplay(_ProgressDisplay):
+    """rich progress on stderr: one bar per epoch, one summary line per finished epoch."""
+
+    def __init__(self) -> None:
+        from rich.progress import TextColumn
+
+        super().__init__(TextColumn("{task.fields[info]}"))
+        self.epochs = 0
+        self.rows: list[dict[str, Any]] = []
+        self.phase3: int | None = None
+
     def __call__(self, kind: str, p: dict[str, Any]) -> None:
         if kind == "start":
             self.epochs = p["epochs"]
             self.rows = list(p.get("history", []))  # a resumed run's earlier epochs
             verb = "resuming" if p["start_epoch"] else "training"
-            err.print(f"{verb} {p['method']} on {p['dataset']} ({p['device']}) -> {p['run_dir']}", markup=False)
+            self._print(f"{verb} {p['method']} on {p['dataset']} ({p['device']}) -> {p['run_dir']}")
         elif kind == "batch":
             if self.task is None:
                 self.task = self.progress.add_task("", total=p["batches"], info="")
@@ -135,9 +145,7 @@ class _TrainDisplay:
         elif kind == "epoch":
             row = p["row"]
             star = " *" if p["best_epoch"] == row["epoch"] else ""
-            self.progress.console.print(
-                f"epoch {row['epoch']:>3}/{p['epochs']}  {_row_text(row)}  ({row['seconds']:.1f} s){star}", markup=False, soft_wrap=True
-            )
+            self._print(f"epoch {row['epoch']:>3}/{p['epochs']}  {_row_text(row)}  ({row['seconds']:.1f} s){star}")
             if self.task is not None:
                 self.progress.reset(self.task, total=None)
             self._watch_phase3(row)
@@ -150,9 +158,8 @@ class _TrainDisplay:
         if self.phase3 is None:
             self.phase3 = detect_phases(self.rows).phase3_start
             if self.phase3 is not None:
-                self.progress.console.print(
-                    f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
-                    "may have begun; --select energy keeps the epoch before it", markup=False, soft_wrap=True)
+                self._print(f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
+                            "may have begun; --select energy keeps the epoch before it")
 
 
 @app.command()
@@ -263,26 +270,12 @@ def presets_show(
 # ----------------------------------------------------------------------------- attack
 
 
-class _AttackDisplay:
+class _AttackDisplay(_ProgressDisplay):
     """rich progress on stderr: one bar per attack stage; warnings and per-attack lines as they come."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err, transient=True)
-        self.task = None
+        super().__init__()
         self.stages: dict[str, list[str]] = {}
-
-    def __enter__(self) -> _AttackDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def _print(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, soft_wrap=True)
 
     def __call__(self, kind: str, p: dict[str, Any]) -> None:
         if kind == "start":
@@ -412,25 +405,8 @@ def _checkpoint_or_newest(ckpt: Optional[Path]) -> Path:
     return path
 
 
-class _StepDisplay:
+class _StepDisplay(_ProgressDisplay):
     """rich progress on stderr for sample / score: one bar per stage; notes as they come."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err, transient=True)
-        self.task = None
-
-    def __enter__(self) -> _StepDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def _print(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, soft_wrap=True)
 
     def _bar(self, label: str, total: int) -> None:
         if self.task is None:
