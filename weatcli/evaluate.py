@@ -42,7 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks as attacks_mod
-from .errors import WeatInputError
+from .errors import WeatInputError, WeatRunError
+from .fileio import atomic_write_bytes, check_writable
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -244,14 +245,12 @@ class _State:
     def save(self, force: bool = False) -> None:
         from safetensors.torch import save as st_save
 
-        from . import checkpoint
-
         if self.path is None or not (force or time.monotonic() - self.last_save >= STATE_EVERY):
             return
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "progress": json.dumps(self.progress, sort_keys=True)}
-        checkpoint.atomic_write_bytes(self.path, st_save(tensors, metadata=meta))
+        atomic_write_bytes(self.path, st_save(tensors, metadata=meta))
         self.last_save = time.monotonic()
 
 
@@ -580,14 +579,6 @@ def _device(name: str) -> torch.device:
         raise WeatInputError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
-def _writable(flag: str, path: Path) -> None:
-    parent = path.expanduser().parent
-    if not parent.is_dir():
-        raise WeatInputError(f"{flag}: directory {parent} does not exist")
-    if path.is_dir():
-        raise WeatInputError(f"{flag}: {path} is a directory; expected a file name")
-
-
 def evaluate_checkpoint(
     *,
     checkpoint: Path | str,
@@ -626,7 +617,7 @@ def evaluate_checkpoint(
         raise WeatInputError(f"--split: unknown {split!r}; expected test or train")
     for flag, path in (("--save-adv", save_adv), ("--state", state_path)):
         if path is not None:
-            _writable(flag, Path(path))
+            check_writable(flag, Path(path))
     dev = _device(device)
     ck = ckpt_mod.load(checkpoint, device=dev)
     threat = ck.config.attack
@@ -689,8 +680,6 @@ def save_adversarial(path: Path, result: Evaluation) -> None:
     """
     from safetensors.torch import save as st_save
 
-    from .checkpoint import atomic_write_bytes
-
     if result.x is None:
         raise ValueError("save_adversarial needs an evaluation run with keep_adversarial=True")
     tensors = {"x": result.x, "y": result.y, "energy_natural": result.energy_natural,
@@ -710,6 +699,4 @@ def save_adversarial(path: Path, result: Evaluation) -> None:
     try:
         atomic_write_bytes(path, st_save(tensors, metadata=meta))
     except OSError as e:
-        from .errors import WeatRunError
-
         raise WeatRunError(f"--save-adv: cannot write {path}: {e.strerror}") from None
