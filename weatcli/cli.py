@@ -576,6 +576,7 @@ LensAttackOpt = Annotated[Optional[list[str]], typer.Option(
 LensNOpt = Annotated[int, typer.Option("--n", help="Test images (the first N).")]
 StepsOpt = Annotated[int, typer.Option(help="PGD / CW steps.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch.")]
+FixedSeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 
 
 def _fraction_opt(flag: str, value: Optional[str]) -> Optional[float]:
@@ -631,7 +632,7 @@ def energy_stats(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: FixedSeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Distributions of E(x), E(x,y), dE(x), dE(x,y) for clean images and each attack."""
@@ -671,7 +672,7 @@ def energy_plot(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: FixedSeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """A checkpoint: overlaid histograms of E(x) and E(x,y), clean vs each attack.
@@ -724,7 +725,7 @@ def energy_compare(
     steps: StepsOpt = 20,
     batch_size: BatchOpt = 500,
     device: DeviceOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: FixedSeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Per model, violins of dE(x) and dE(x,y) side by side, ordered by robust accuracy:
@@ -759,7 +760,7 @@ def energy_trades(
     steps: Annotated[int, typer.Option(help="Steps of the TRADES KL attack.")] = 10,
     batch_size: BatchOpt = 500,
     device: DeviceOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: FixedSeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """TRADES in energies: KL(p(.|x)||p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*)),
