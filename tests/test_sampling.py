@@ -15,7 +15,7 @@ import torch.nn as nn
 from conftest import robust_checkpoint
 from weatcli import checkpoint as ckpt
 from weatcli import sampling
-from weatcli.attacks import attack_mode
+from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.energy import joint_energy
 from weatcli.errors import WeatInputError
 
@@ -89,10 +89,11 @@ def test_sgld_nonlinear_model_matches_autograd_reference():
 
 def test_batchnorm_folding_keeps_the_function_and_leaves_the_model_alone(model_path):
     model = ckpt.load(model_path).model.train()
-    fused = sampling.fused_for_sampling(model)
-    assert model.training and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert folded_eval_model(model, torch.zeros(2, 1, 16, 16)) is model  # train mode: never folded
     model.eval()
+    fused = folded_eval_model(model, torch.zeros(2, 1, 16, 16))
+    assert not model.training and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     x, y = torch.rand(5, 1, 16, 16), torch.arange(5)
     with attack_mode(model), attack_mode(fused):
         a = sampling.sgld(model, x, y, steps=5, step_size=0.1, generator=torch.Generator().manual_seed(0))

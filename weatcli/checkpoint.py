@@ -19,7 +19,7 @@ import torch.nn as nn
 from . import __version__
 from .config import RunConfig, validate
 from .errors import WeatInputError
-from .fileio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from .fileio import atomic_write_bytes
 
 FORMAT = "weat/1"
 OPTIM_PREFIX = "optim/"

@@ -207,7 +207,7 @@ def find_inception_weights(path: Path | str | None = None, *, download: bool = F
 def _download_inception(target: Path) -> Path:
     import urllib.request
 
-    from .checkpoint import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     try:
         with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response:

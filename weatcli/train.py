@@ -26,6 +26,7 @@ from .attacks import attack_mode, pgd, predict
 from .config import RunConfig
 from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
+from .fileio import atomic_write_text
 from .losses import LOSSES, method_attack
 from .models import ARCHS, build
 from .phases import energy_select_epoch
@@ -316,8 +317,8 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         gen_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
     metrics_path = run_dir / "metrics.jsonl"
     history = _read_metrics(metrics_path, start_epoch)
-    ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-    ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     def save_last(epoch: int, batch: int, generator: torch.Generator | None) -> None:
         tensors = ckpt.state_dict_of(model)
@@ -392,7 +393,7 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         if bad:
             raise WeatRunError(f"non-finite weights ({bad[0]}) after epoch {epoch + 1}; the last good checkpoint is kept in {run_dir}")
         history.append(row)
-        ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
         if t.select == "energy":
             best = _select_by_energy(run_dir, model, cfg, history, best, meta_common)
