@@ -14,9 +14,12 @@ References: Madry et al. 2018 (PGD), Zhang et al. 2019 (TRADES KL attack), Carli
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+import weakref
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -132,17 +135,160 @@ def pgd(
     else:
         x_adv = _project_l2(x_adv, x, eps)
 
+    if steps <= 0:
+        return x_adv.detach()
+    opts = _ENGINE.get()
+    update = _fused_linf_update() if (opts.fused_update and norm == "linf") else _linf_update
+    if opts.cuda_graphs and isinstance(objective, str) and x.is_cuda:
+        graph = _graph_for(model, objective, sign, norm, eps, step_size, x, y, p_nat)
+        if graph is not None:
+            return graph.run(x_adv, x, lo if norm == "linf" else None, hi if norm == "linf" else None, y, p_nat, steps)
+    scale = _grad_scale()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = fn(model(x_adv), y, p_nat).sum()
-        (grad,) = torch.autograd.grad(sign * loss, x_adv)
+        (grad,) = torch.autograd.grad(sign * scale * loss, x_adv)
         with torch.no_grad():
             if norm == "linf":
-                x_adv = torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
+                x_adv = update(x_adv, grad, lo, hi, step_size)
             else:
-                g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                x_adv = _project_l2(x_adv + step_size * grad / g_norm, x, eps)
+                x_adv = _l2_update(x_adv, grad, x, eps, step_size)
     return x_adv.detach()
+
+
+# ----------------------------------------------------------------------------- engine options
+#
+# The speed paths are switched on for a block of work (a training run, an attack) rather than
+# threaded through every call: `with engine_options(cuda_graphs=True): ...`. With every option off
+# (the default) pgd is the plain eager loop above; each option computes the same function.
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    cuda_graphs: bool = False  # capture one PGD step per (model, shape, attack) and replay it (CUDA only)
+    fused_update: bool = False  # sign step + clamp to the precomputed bounds as one compiled kernel
+
+
+_ENGINE: contextvars.ContextVar[EngineOptions] = contextvars.ContextVar("weat_engine", default=EngineOptions())
+
+
+@contextmanager
+def engine_options(**options: bool) -> Iterator[EngineOptions]:
+    token = _ENGINE.set(EngineOptions(**options))
+    try:
+        yield _ENGINE.get()
+    finally:
+        _ENGINE.reset(token)
+
+
+def _linf_update(x_adv: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, step_size: float) -> torch.Tensor:
+    return torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
+
+
+def _l2_update(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, step_size: float) -> torch.Tensor:
+    g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return _project_l2(x_adv + step_size * grad / g_norm, x, eps)
+
+
+_FUSED: list[Callable] = []
+
+
+def _fused_linf_update() -> Callable:
+    """_linf_update compiled by inductor into a single elementwise kernel (compiled once)."""
+    if not _FUSED:
+        _FUSED.append(torch.compile(_linf_update, dynamic=False, fullgraph=True))
+    return _FUSED[0]
+
+
+def _grad_scale() -> float:
+    """Under fp16 autocast small input gradients underflow to 0 (and a zero sign step); the
+    attack loss is scaled up first. Sign steps and normalised L2 steps do not see the scale."""
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+            return 1024.0
+    return 1.0
+
+
+class _GraphedStep:
+    """One PGD step (forward, input gradient, update) captured as a CUDA graph on static buffers.
+
+    The graph reads the model's parameters and buffers where they live, so in-place optimizer
+    steps and load_state_dict are seen by later replays; the model must stay in the mode (eval,
+    frozen) it was captured in, which attack_mode guarantees. The random start is drawn eagerly
+    before the first replay, so the results are those of the eager loop up to kernel choice.
+    """
+
+    def __init__(self, model, objective: str, sign: float, norm: str, eps: float, step_size: float,
+                 x: torch.Tensor, y: torch.Tensor, p_nat: torch.Tensor | None) -> None:
+        fn = OBJECTIVES[objective]
+        device_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+        scale = _grad_scale()
+        self.x_adv = x.detach().clone().requires_grad_(True)
+        self.x = x.detach().clone()
+        self.lo, self.hi = self.x.clone(), self.x.clone()
+        self.y = y.clone()
+        self.p_nat = None if p_nat is None else p_nat.detach().clone()
+
+        def step() -> None:
+            with torch.autocast(device_type, dtype=dtype, enabled=autocast_on, cache_enabled=False):
+                loss = fn(model(self.x_adv), self.y, self.p_nat).sum()
+            (grad,) = torch.autograd.grad(sign * scale * loss, self.x_adv)
+            with torch.no_grad():
+                if norm == "linf":
+                    self.x_adv.copy_(_linf_update(self.x_adv, grad, self.lo, self.hi, step_size))
+                else:
+                    self.x_adv.copy_(_l2_update(self.x_adv, grad, self.x, eps, step_size))
+
+        self._step = step
+        self.graph = None
+        if device_type != "cuda":  # the same static-buffer step, run eagerly (how it is tested on a CPU)
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up outside the capture (cuDNN autotuning, allocator)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+
+    def run(self, x_adv, x, lo, hi, y, p_nat, steps: int) -> torch.Tensor:
+        with torch.no_grad():
+            self.x_adv.copy_(x_adv)
+            self.x.copy_(x)
+            if lo is not None:
+                self.lo.copy_(lo)
+                self.hi.copy_(hi)
+            self.y.copy_(y)
+            if p_nat is not None:
+                self.p_nat.copy_(p_nat)
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+        return self.x_adv.detach().clone()
+
+
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _GraphedStep]]" = weakref.WeakKeyDictionary()
+MAX_GRAPHS_PER_MODEL = 4
+
+
+def _graph_for(model, objective, sign, norm, eps, step_size, x, y, p_nat) -> _GraphedStep | None:
+    """The captured step for this model, attack and batch shape (captured on first use)."""
+    if model.training or torch.is_grad_enabled() is False:
+        return None  # only frozen eval-mode attacks are captured; other callers run eagerly
+    key = (objective, sign, norm, float(eps), float(step_size), tuple(x.shape), x.dtype, x.device,
+           p_nat is None, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    graphs = _GRAPHS.setdefault(model, {})
+    if key not in graphs:
+        if len(graphs) >= MAX_GRAPHS_PER_MODEL:  # e.g. a ragged last batch: not worth a capture
+            return None
+        graphs[key] = _GraphedStep(model, objective, sign, norm, eps, step_size, x, y, p_nat)
+    return graphs[key]
 
 
 @torch.no_grad()

@@ -161,7 +161,18 @@ class TrainConfig(_Section):
     mail_burn_in: float = Field(0.6, ge=0, lt=1, description="mail-trades: fraction of epochs of plain TRADES first")
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training (attack and update) under autocast: bf16, or fp16 with a gradient "
+        "scaler; weights, optimizer and BatchNorm stay fp32, per-epoch evaluation always runs in fp32",
+    )
+    tf32: bool = Field(False, description="allow TF32 matmuls/convolutions on CUDA (fp32 paths, evaluation included)")
+    compile: bool = Field(False, description="torch.compile the model, and fuse the PGD sign step and projection")
+    cuda_graphs: bool = Field(False, description="capture each PGD inner-loop step as a CUDA graph (CUDA only; "
+                              "elsewhere the same step runs eagerly)")
+    nan_policy: Literal["stop", "skip-batch"] = Field(
+        "stop", description="non-finite loss: stop (exit 1, the last good checkpoint is kept) or skip-batch "
+        "(no update from that batch; counted in metrics as skipped_batches; one host sync per batch)",
+    )
     select: Literal["best", "last", "energy"] = Field(
         "best",
         description="best: highest held-out robust accuracy (clean accuracy for method standard); "

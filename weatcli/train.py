@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from .attacks import attack_mode, pgd, predict
+from .attacks import attack_mode, engine_options, pgd, predict
 from .config import RunConfig
 from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
@@ -126,8 +126,27 @@ def lr_at(step: int, total: int, cfg: RunConfig) -> float:
     return anneal(t.lr, final, (step - up) / max(total - 1 - up, 1.0))
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """Mixed precision for the training step (attack and update). Weights, optimizer state and
+    BatchNorm statistics stay fp32 (autocast casts per op); evaluation never runs under it."""
+    dtype = _AUTOCAST_DTYPES.get(precision, torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision in _AUTOCAST_DTYPES)
+
+
+def configure_backends(device: torch.device, tf32: bool) -> None:
+    """cuDNN autotuning for the fixed shapes; TF32 only when asked (fp32 stays IEEE fp32)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile'd view of `model` (shares its parameters) or the model itself."""
+    return torch.compile(model) if enabled else model
 
 
 @torch.no_grad()
@@ -279,7 +298,7 @@ def fit(
     if resume is None:
         run_dir = _new_run_dir(cfg)
 
-    with _RunLock(run_dir):
+    with _RunLock(run_dir), engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
         return _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit, interrupt)
 
 
@@ -288,11 +307,13 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
     torch.manual_seed(t.seed)  # model initialisation only; everything else uses explicit generators
     model = build(cfg.model.arch, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                   image_size=dataset.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
+    configure_backends(device, t.tf32)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
+    net = compiled(model, t.compile)  # what the loop calls; checkpoints are written from `model`
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 nesterov=t.nesterov, foreach=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     loss_fn = LOSSES[t.method]
     meta_common = dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size)
 
@@ -312,6 +333,8 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         _restore_optimizer(optimizer, resumed.extra, device)
         start_epoch, start_batch = state["epoch"], state["batch"]
         best = state["best"]
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         sums = {k[len(ckpt.STATE_PREFIX) + 4 :]: v.to(device) for k, v in resumed.extra.items()
                 if k.startswith(ckpt.STATE_PREFIX + "sum/")}
         gen_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
@@ -327,7 +350,10 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
             tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
             tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in sums.items()})
         meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=history[-1] if history else {}, **meta_common)
-        meta["resume"] = json.dumps({"epoch": epoch, "batch": batch, "best": best})
+        resume_state = {"epoch": epoch, "batch": batch, "best": best}
+        if scaler.is_enabled():
+            resume_state["scaler"] = scaler.state_dict()
+        meta["resume"] = json.dumps(resume_state)
         _write_checkpoint(run_dir / "last.safetensors", tensors, meta)
 
     emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": batches, "start_epoch": start_epoch,
@@ -341,7 +367,8 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
             g.set_state(gen_state.to(g.get_state().device))
         else:
             sums = {}
-        model.train()
+        net.train()
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
         for b in range(start_batch if epoch == start_epoch else 0, batches):
             idx = perm[b * batch_size : (b + 1) * batch_size]
             x = data_mod.augment(dataset.train_x[idx], generator=g, padding=cfg.data.crop_padding, flip=cfg.data.flip)
@@ -352,18 +379,26 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, t.precision):
-                loss, stats = loss_fn(model, x, y, cfg, generator=g, progress=epoch / t.epochs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=device), **stats}
+                loss, stats = loss_fn(net, x, y, cfg, generator=g, progress=epoch / t.epochs)
+            if t.nan_policy == "skip-batch" and not bool(torch.isfinite(loss.detach())):
+                # No update from this batch and nothing of it in the epoch's averages.
+                stats = {"skipped_batches": torch.ones((), device=device)}
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # fp16: skipped by the scaler itself when its gradients overflowed
+                scaler.update()
+                stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=device), **stats}
+                # The first non-finite batch, recorded on the device (no sync) and reported at the next check.
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
             for k, v in stats.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.detach().float().clone()
-            if (b + 1) % SYNC_EVERY == 0 or b + 1 == batches:
+            if ((b + 1) % SYNC_EVERY == 0 or b + 1 == batches) and "n" in sums:
                 running = float(sums["loss"] / sums["n"])
                 if not math.isfinite(running):
                     raise WeatRunError(
-                        f"non-finite loss at epoch {epoch + 1} batch {b + 1}; the last good checkpoint is kept in {run_dir}"
+                        f"non-finite loss at epoch {epoch + 1} batch {int(first_bad)} (of {batches}); "
+                        f"the last good checkpoint is kept in {run_dir}"
                     )
                 emit("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": batches, "loss": running, "lr": lr})
             if interrupt.requested:
@@ -377,16 +412,21 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
 
         eval_gen = generator_for(device, t.seed, 1_000_003)  # the same attack starts every epoch
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * batches - 1, total_steps, cfg)}
+        if "n" not in sums:
+            raise WeatRunError(f"every batch of epoch {epoch + 1} had a non-finite loss (--nan-policy skip-batch); "
+                               f"the last good checkpoint is kept in {run_dir}")
         n = float(sums["n"])
         row["train_loss"] = float(sums["loss"]) / n
+        if "skipped_batches" in sums:
+            row["skipped_batches"] = int(sums["skipped_batches"])
         if "correct" in sums:
             row["train_accuracy"] = float(sums["correct"]) / n
         if "adv_correct" in sums:
             row["train_adv_accuracy"] = float(sums["adv_correct"]) / n
         if "weight" in sums:
             row["mean_weight"] = float(sums["weight"]) / n
-        row.update(evaluate(model, eval_x, eval_y, cfg, generator=eval_gen))
-        row.update(track_energies(model, energy_x, energy_y, cfg, generator=eval_gen))
+        row.update(evaluate(net, eval_x, eval_y, cfg, generator=eval_gen))
+        row.update(track_energies(net, energy_x, energy_y, cfg, generator=eval_gen))
         row["seconds"] = round(time.perf_counter() - e0, 3)
         row["train_seconds"] = round(train_seconds, 3)
         bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
