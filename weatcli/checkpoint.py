@@ -57,20 +57,24 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
 
-def read(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; any unreadable file is a WeatInputError."""
+def read(path: Path | str, *, flag: str = "checkpoint", what: str = "a weat .safetensors checkpoint",
+         metadata_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (none with `metadata_only`) and metadata of a safetensors file; any unreadable file is a
+    WeatInputError naming `flag` (the option or argument it came from) and `what` was expected there."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise WeatInputError(f"{flag}: {path} is a directory; expected {what} (e.g. {path / 'model.safetensors'})")
     if not path.is_file():
-        raise WeatInputError(f"checkpoint: {path} not found")
+        raise WeatInputError(f"{flag}: {path} not found; expected {what}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated / foreign bytes
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeatInputError(f"checkpoint: {path} is not a readable safetensors file ({reason})") from None
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise WeatInputError(f"{flag}: {path} is not a readable safetensors file ({reason}); expected {what}") from None
     return tensors, metadata
 
 
@@ -100,6 +104,29 @@ class Checkpoint:
         return int(self.metadata["epoch"])
 
 
+REQUIRED_METADATA = ("config", "num_classes", "in_channels", "image_size")
+
+
+def _json_metadata(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        value = json.loads(meta.get(key) or "{}")
+    except ValueError as e:
+        raise WeatInputError(f"checkpoint: {path}: metadata {key!r} is not valid JSON ({e}); expected a JSON object") from None
+    if not isinstance(value, dict):
+        raise WeatInputError(f"checkpoint: {path}: metadata {key!r} is a JSON {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def _int_metadata(path: Path, meta: dict[str, str], key: str) -> int:
+    try:
+        value = int(meta[key])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise WeatInputError(f"checkpoint: {path}: metadata {key!r} is {meta[key]!r}; expected a positive integer")
+    return value
+
+
 def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
     from .models import build
@@ -108,14 +135,18 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     tensors, meta = read(path)
     if meta.get("format") != FORMAT:
         raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    missing_keys = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing_keys:
+        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no {', '.join(map(repr, missing_keys))}); "
+                             f"expected the keys {', '.join(REQUIRED_METADATA)}")
+    config, metrics = (_json_metadata(path, meta, k) for k in ("config", "metrics"))
+    cfg = validate(config, source=f"checkpoint: {path} config")
+    num_classes, in_channels, image_size = (_int_metadata(path, meta, k) for k in ("num_classes", "in_channels", "image_size"))
     try:
-        cfg = validate(json.loads(meta["config"]), source=f"{path} config")
-        num_classes, in_channels, image_size = (int(meta[k]) for k in ("num_classes", "in_channels", "image_size"))
-        metrics = json.loads(meta.get("metrics") or "{}")
-    except (KeyError, ValueError) as e:
-        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata ({e})") from None
-    model = build(cfg.model.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                  mean=cfg.model.mean, std=cfg.model.std)
+        model = build(cfg.model.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                      mean=cfg.model.mean, std=cfg.model.std)
+    except WeatInputError as e:  # e.g. an arch this version does not know: name the file too
+        raise WeatInputError(f"checkpoint: {path}: {e}") from None
     weights = {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, STATE_PREFIX))}
     extra = {k: v for k, v in tensors.items() if k.startswith((OPTIM_PREFIX, STATE_PREFIX))}
     expected = model.state_dict()
@@ -123,7 +154,8 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise WeatInputError(f"checkpoint: {path} does not match arch {cfg.model.arch!r}: {what} tensors")
+        raise WeatInputError(f"checkpoint: {path} does not match arch {cfg.model.arch!r}: {what} tensors; "
+                             f"expected exactly the {len(expected)} tensors of its state_dict")
     for k, v in weights.items():
         if v.shape != expected[k].shape:
             raise WeatInputError(

@@ -169,6 +169,8 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model, and fuse the PGD sign step and projection")
     cuda_graphs: bool = Field(False, description="capture each PGD inner-loop step as a CUDA graph (CUDA only; "
                               "elsewhere the same step runs eagerly)")
+    sync_bn: bool = Field(False, description="several ranks: batch-norm statistics over the global batch (then "
+                          "N ranks compute what one process does with the same batch size)")
     nan_policy: Literal["stop", "skip-batch"] = Field(
         "stop", description="non-finite loss: stop (exit 1, the last good checkpoint is kept) or skip-batch "
         "(no update from that batch; counted in metrics as skipped_batches; one host sync per batch)",
@@ -232,8 +234,10 @@ def preset_path(name_or_path: str) -> Path:
     """A preset name (file in the bundled presets/) or a path to a TOML file."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+        if path.is_dir():
+            raise WeatInputError(f"preset: {str(path)!r} is a directory; expected a .toml file")
         if not path.is_file():
-            raise WeatInputError(f"preset: file {str(path)!r} not found")
+            raise WeatInputError(f"preset: file {str(path)!r} not found; expected a .toml file or a bundled preset name")
         return path
     bundled = PRESET_DIR / f"{name_or_path}.toml"
     if not bundled.is_file():
@@ -248,7 +252,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise WeatInputError(f"preset: {path}: invalid TOML ({e})") from None
+        raise WeatInputError(f"preset: {path}: invalid TOML ({e}); expected a TOML preset file") from None
+    except UnicodeDecodeError:
+        raise WeatInputError(f"preset: {path}: not UTF-8 text; expected a TOML preset file") from None
+    except IsADirectoryError:
+        raise WeatInputError(f"preset: {path} is a directory; expected a .toml file") from None
     except OSError as e:
         raise WeatInputError(f"preset: cannot read {path}: {e.strerror}") from None
 
@@ -279,13 +287,24 @@ def recipe_for(dataset: str, method: str | None) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
+def _section_keys(loc: tuple) -> list[str]:
+    """The keys valid where an unknown key `loc` (e.g. ("train", "epohcs")) was found."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def _format_validation_error(err: ValidationError, source: str | None) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key; expected one of {', '.join(_section_keys(e['loc']))}"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}" if loc else msg)

@@ -154,12 +154,13 @@ def _load_npz_file(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:
-        raise WeatInputError(f"{path}: not a readable .npz of plain arrays ({_one_line(e)})") from e
+        raise WeatInputError(f"{path}: not a readable .npz ({_one_line(e)}); expected a numpy .npz of plain arrays "
+                             f"(numpy.savez, no pickled objects)") from e
 
 
-def _npz_key(arrays: dict[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+def _npz_key(arrays: dict[str, np.ndarray], key: str, path: Path, expected: str) -> np.ndarray:
     if key not in arrays:
-        raise WeatInputError(f"{path}: missing key {key!r}; found {sorted(arrays)}")
+        raise WeatInputError(f"{path}: missing key {key!r} (found {sorted(arrays)}); expected {expected}")
     return arrays[key]
 
 
@@ -195,7 +196,7 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
             batch = pickle.load(f, encoding="bytes")
     except Exception as e:
         raise WeatInputError(
-            f"{path}: could not read {expected} ({_one_line(e)}); delete it and re-run with --download"
+            f"{path}: unreadable ({_one_line(e)}); expected {expected}; delete it and re-run with --download"
         ) from e
     if not isinstance(batch, dict):
         raise WeatInputError(f"{path}: expected {expected}, got {type(batch).__name__}")
@@ -239,7 +240,8 @@ def _svhn_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
         mat = scipy.io.loadmat(path)
     except Exception as e:
         raise WeatInputError(
-            f"{path}: could not read the SVHN .mat file ({_one_line(e)}); delete it and re-run with --download"
+            f"{path}: unreadable ({_one_line(e)}); expected an SVHN cropped-digits .mat file (MATLAB v5 with X and y); "
+            f"delete it and re-run with --download"
         ) from e
     for key in ("X", "y"):
         if key not in mat:
@@ -272,8 +274,9 @@ TINY_SIZE = 64
 
 def _tiny_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     arrays = _load_npz_file(path)
-    x = _check_images(_npz_key(arrays, "image", path), f"{path} 'image'", channels=3, size=TINY_SIZE)
-    y = _check_labels(_npz_key(arrays, "label", path), len(x), f"{path} 'label'", TINY_CLASSES)
+    expected = f"keys image ({TINY_SIZE}x{TINY_SIZE} RGB uint8) and label"
+    x = _check_images(_npz_key(arrays, "image", path, expected), f"{path} 'image'", channels=3, size=TINY_SIZE)
+    y = _check_labels(_npz_key(arrays, "label", path, expected), len(x), f"{path} 'label'", TINY_CLASSES)
     return x, y
 
 
@@ -366,16 +369,36 @@ def dataset_names() -> list[str]:
     return list(DATASETS)
 
 
+# (num_classes, in_channels, image_size) of each registry dataset, known without reading its files,
+# so a model can be built for a dataset that is not on this machine (`weat import`).
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (10, 1, 16),
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+    "svhn": (10, 3, 32),
+    "tiny-imagenet": (TINY_CLASSES, 3, TINY_SIZE),
+}
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """(num_classes, in_channels, image_size) of a registry dataset, from SHAPES (no file is read)."""
+    if name not in SHAPES:
+        raise WeatInputError(f"dataset: unknown {name!r}; expected one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
 def _load_npz_dataset(path: Path) -> Arrays:
     """A user .npz: x_train/y_train/x_test/y_test, or image/label with a seeded stratified 10% test split."""
+    expected = "an .npz with image/label or x_train/y_train/x_test/y_test arrays"
+    if path.is_dir():
+        raise WeatInputError(f"dataset npz: {path} is a directory; expected {expected}")
     if not path.is_file():
-        raise WeatInputError(f"dataset npz: file {path} not found; expected an .npz with image/label "
-                             f"or x_train/y_train/x_test/y_test arrays")
+        raise WeatInputError(f"dataset npz: file {path} not found; expected {expected}")
     arrays = _load_npz_file(path)
     split_keys = ("x_train", "y_train", "x_test", "y_test")
     if any(k in arrays for k in split_keys):
         for k in split_keys:
-            _npz_key(arrays, k, path)  # a partial split is a mistake, not a cue to fall back
+            _npz_key(arrays, k, path, "all of x_train/y_train/x_test/y_test")  # a partial split is a mistake
         train_x = _check_images(arrays["x_train"], f"{path} 'x_train'")
         test_x = _check_images(arrays["x_test"], f"{path} 'x_test'")
         if train_x.shape[1:] != test_x.shape[1:]:
@@ -384,8 +407,8 @@ def _load_npz_dataset(path: Path) -> Arrays:
         train_y = _check_labels(arrays["y_train"], len(train_x), f"{path} 'y_train'")
         test_y = _check_labels(arrays["y_test"], len(test_x), f"{path} 'y_test'")
     elif "image" in arrays or "label" in arrays:
-        x = _check_images(_npz_key(arrays, "image", path), f"{path} 'image'")
-        y = _check_labels(_npz_key(arrays, "label", path), len(x), f"{path} 'label'")
+        x = _check_images(_npz_key(arrays, "image", path, "both image and label"), f"{path} 'image'")
+        y = _check_labels(_npz_key(arrays, "label", path, "both image and label"), len(x), f"{path} 'label'")
         if len(x) < 2:
             raise WeatInputError(f"{path}: expected at least 2 images to split off a test set, got {len(x)}")
         train_x, train_y, test_x, test_y = _split(x, y)

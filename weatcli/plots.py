@@ -37,6 +37,7 @@ DELTA_PANELS = {
     "delta_joint": ("ΔE(x, y) = E(x, y) - E(x*, y)", "joint energy gap ΔE(x, y)"),
 }
 _FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+FIGURE_SUFFIXES = tuple(_FORMATS)
 
 
 # tab10, spelled out so a user's matplotlib style cannot change it.

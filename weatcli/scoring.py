@@ -88,7 +88,7 @@ def _read_folder(path: Path, where: str) -> ImageSet:
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise WeatInputError(f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        raise WeatInputError(f"{where}: no image files in folder {path}; expected images ({', '.join(IMAGE_SUFFIXES)})")
     arrays = []
     for f in files:
         try:
@@ -96,7 +96,7 @@ def _read_folder(path: Path, where: str) -> ImageSet:
                 im = im.convert("L") if im.mode in ("L", "LA", "I;16", "I", "1") else im.convert("RGB")
                 a = np.asarray(im)
         except Exception as e:
-            raise WeatInputError(f"{where}: cannot read image {f} ({type(e).__name__})") from None
+            raise WeatInputError(f"{where}: cannot read image {f} ({type(e).__name__}); expected a readable image file") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
@@ -121,13 +121,14 @@ def read_images(path: Path | str, where: str = "SAMPLES") -> ImageSet:
                 meta = dict(f.metadata() or {})
                 key = next((k for k in _ARRAY_KEYS if k in f.keys()), None)
                 if key is None:
-                    raise WeatInputError(f"{where}: {path} has no tensor named {' or '.join(_ARRAY_KEYS[:4])}; "
-                                         f"found {sorted(f.keys())[:5]}")
+                    raise WeatInputError(f"{where}: {path} has no image tensor (found {sorted(f.keys())[:5]}); "
+                                         f"expected one named {' or '.join(_ARRAY_KEYS[:4])}")
                 tensor = f.get_tensor(key)
         except WeatInputError:
             raise
         except Exception as e:
-            raise WeatInputError(f"{where}: {path} is not a readable safetensors file ({type(e).__name__})") from None
+            raise WeatInputError(f"{where}: {path} is not a readable safetensors file ({type(e).__name__}); "
+                                 f"expected a 'weat sample' file or images under {' or '.join(_ARRAY_KEYS[:4])}") from None
         x = _to_uint8_nchw(tensor, f"{where}: {path} tensor {key!r}")
         return ImageSet(x, f"{path} ({len(x)} images)", meta.get("dataset") or None, meta.get("data_dir") or None)
     if suffix == ".npz":
@@ -135,12 +136,14 @@ def read_images(path: Path | str, where: str = "SAMPLES") -> ImageSet:
             with np.load(path, allow_pickle=False) as z:
                 key = next((k for k in _ARRAY_KEYS if k in z.files), None)
                 if key is None:
-                    raise WeatInputError(f"{where}: {path} has no array named {' or '.join(_ARRAY_KEYS)}; found {z.files[:5]}")
+                    raise WeatInputError(f"{where}: {path} has no image array (found {z.files[:5]}); "
+                                         f"expected one named {' or '.join(_ARRAY_KEYS)}")
                 a = z[key]
         except WeatInputError:
             raise
         except Exception as e:
-            raise WeatInputError(f"{where}: {path} is not a readable .npz of plain arrays ({type(e).__name__})") from None
+            raise WeatInputError(f"{where}: {path} is not a readable .npz ({type(e).__name__}); expected a numpy .npz "
+                                 f"of plain arrays with images under {' or '.join(_ARRAY_KEYS)}") from None
         x = _to_uint8_nchw(a, f"{where}: {path} array {key!r}")
         return ImageSet(x, f"{path} ({len(x)} images)")
     raise WeatInputError(f"{where}: {path}; expected a .safetensors or .npz file or a folder of images")
@@ -255,6 +258,14 @@ def inception_net(weights: Path, device: torch.device) -> FeatureNet:
     return FeatureNet("inception", "inception:" + file_digest(weights)[:32], True, forward)
 
 
+def check_image_shape(checkpoint: Path, shape: tuple[int, int, int], images: torch.Tensor, what: str) -> None:
+    """--features CKPT takes images of its own (C, H, W) shape only."""
+    if tuple(images.shape[1:]) != shape:
+        size = "x".join(map(str, shape))
+        raise WeatInputError(f"--features: {checkpoint} takes {size} images; got {'x'.join(map(str, images.shape[1:]))} "
+                             f"{what}; expected {size} images (or --features inception)")
+
+
 def classifier_net(checkpoint: Path, device: torch.device) -> tuple[FeatureNet, Any]:
     """A weat checkpoint's penultimate features and softmax, on [0,1] images of its own shape."""
     from . import checkpoint as ckpt_mod
@@ -265,9 +276,7 @@ def classifier_net(checkpoint: Path, device: torch.device) -> tuple[FeatureNet, 
     shape = (ck.in_channels, ck.image_size, ck.image_size)
 
     def forward(x_u8: torch.Tensor, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if tuple(x_u8.shape[1:]) != shape:
-            raise WeatInputError(f"--features: {checkpoint} takes {shape[0]}x{shape[1]}x{shape[2]} images; "
-                                 f"got {'x'.join(map(str, x_u8.shape[1:]))}")
+        check_image_shape(checkpoint, shape, x_u8, "images")
         x = x_u8.to(device).float() / 255.0
         with torch.no_grad():
             feats = penultimate(model, x).double()
@@ -484,6 +493,11 @@ def score_samples(
             ref_set = read_reference(ref, data_dir=data_dir, download=download)
         if len(ref_set.images) < 2:
             raise WeatInputError(f"--ref: {ref_set.description}; FID and KID need at least 2 images")
+    if ck is not None:  # a shape mismatch is bad input: refuse it before any work
+        shape = (ck.in_channels, ck.image_size, ck.image_size)
+        check_image_shape(Path(features), shape, x, f"in {samples}")
+        if ref_set is not None:
+            check_image_shape(Path(features), shape, ref_set.images, f"in the reference {ref_set.description}")
     emit("start", {"samples": sample_set.description, "n": len(x), "reference": ref_set.description if ref_set else None,
                    "features": net.name, "metrics": names, "device": str(dev)})
 
