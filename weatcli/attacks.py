@@ -19,8 +19,8 @@ import logging
 import sys
 import weakref
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -76,19 +76,29 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _draw(sample, shape: tuple[int, ...], x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise of `shape` from torch.rand/randn. Under engine_options(shard=(rank, world)) the batch
+    is one rank's slice of a global batch: the noise of the whole global batch is drawn (every
+    rank's generator advances alike) and this rank's slice kept, as one process would have drawn it."""
+    rank, world = _ENGINE.get().shard
+    if world == 1:
+        return sample(shape, generator=generator, device=x.device, dtype=x.dtype)
+    full = sample((shape[0] * world, *shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    return full[rank * shape[0] : (rank + 1) * shape[0]]
+
+
 def _random_start(x: torch.Tensor, eps: float, norm: str, init: Init, init_std: float, generator) -> torch.Tensor:
     if init == "none":
         return x.clone()
     if init == "normal":  # TRADES / MART: x + 0.001 * N(0, 1)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x + init_std * noise
+        return x + init_std * _draw(torch.randn, x.shape, x, generator)
     if norm == "linf":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = _draw(torch.rand, x.shape, x, generator)
         return x + (2 * u - 1) * eps
     # L2: a direction uniform on the sphere, a radius uniform in [0, eps].
-    d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = _draw(torch.randn, x.shape, x, generator)
     d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    r = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+    r = _draw(torch.rand, (x.shape[0], 1, 1, 1), x, generator)
     return x + d * r * eps
 
 
@@ -167,14 +177,20 @@ def pgd(
 class EngineOptions:
     cuda_graphs: bool = False  # capture one PGD step per (model, shape, attack) and replay it (CUDA only)
     fused_update: bool = False  # sign step + clamp to the precomputed bounds as one compiled kernel
+    shard: tuple[int, int] = (0, 1)  # (rank, world): x is this rank's slice of a global batch (random starts)
 
 
 _ENGINE: contextvars.ContextVar[EngineOptions] = contextvars.ContextVar("weat_engine", default=EngineOptions())
 
 
+def engine_options_now() -> EngineOptions:
+    return _ENGINE.get()
+
+
 @contextmanager
-def engine_options(**options: bool) -> Iterator[EngineOptions]:
-    token = _ENGINE.set(EngineOptions(**options))
+def engine_options(**options: Any) -> Iterator[EngineOptions]:
+    """The given options on top of the current ones, for the duration of the block."""
+    token = _ENGINE.set(replace(_ENGINE.get(), **options))
     try:
         yield _ENGINE.get()
     finally:

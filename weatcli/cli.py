@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -50,6 +51,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except WeatInputError as e:
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank sees the same bad input: rank 0 says it
+            raise typer.Exit(EXIT_INPUT) from None
         raise _fail(str(e), EXIT_INPUT) from None
     except WeatRunError as e:
         raise _fail(str(e), EXIT_RUN) from None
@@ -72,6 +75,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
 EpsOpt = Annotated[Optional[str], typer.Option(help="Threat radius in [0,1] pixel units; fractions allowed: 8/255.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+DevicesOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Shard the images over N local processes (GPUs, or CPU with gloo) through torchrun's launcher.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")]
 
 
@@ -110,11 +115,14 @@ class _ProgressDisplay:
         self.task = None
 
     def __enter__(self):
-        self.progress.__enter__()
+        self.live = err.is_terminal  # in a log file the bar is noise (and its last refresh a blank line)
+        if self.live:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.live:
+            self.progress.__exit__(*exc)
 
     def _print(self, text: str) -> None:
         self.progress.console.print(text, markup=False, soft_wrap=True)
@@ -179,7 +187,14 @@ def train(
     download: DownloadOpt = False,
     select: Annotated[Optional[str], typer.Option(help="best (highest held-out PGD accuracy) or last.")] = None,
     eval_n: Annotated[Optional[int], typer.Option(help="Held-out test images evaluated each epoch.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 or bf16 (autocast for training).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16: autocast for the training step (evaluation stays fp32).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model and fuse the PGD update.")] = None,
+    cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the PGD inner loop as CUDA graphs (CUDA only).")] = None,
+    tf32: Annotated[Optional[bool], typer.Option("--tf32/--no-tf32", help="Allow TF32 in fp32 matmuls/convolutions on CUDA.")] = None,
+    nan_policy: Annotated[Optional[str], typer.Option(help="Non-finite loss: stop (exit 1) or skip-batch.")] = None,
+    devices: Annotated[Optional[int], typer.Option(min=1, help="Train on N local processes (GPUs, or CPU with gloo) "
+                                                   "through torchrun's launcher; --batch-size is the global batch.")] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Several ranks: batch norm over the global batch.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory (its config is used).")] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -199,10 +214,18 @@ def train(
                 "train.method": method, "model.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size,
                 "train.lr": lr, "attack.eps": eps, "train.seed": seed, "train.device": device, "train.out": out,
                 "train.select": select, "train.eval_n": eval_n, "train.precision": precision,
+                "train.compile": compile_, "train.cuda_graphs": cuda_graphs, "train.tf32": tf32,
+                "train.nan_policy": nan_policy, "train.sync_bn": sync_bn,
             }
             cfg = config_mod.resolve(preset=preset, overrides=overrides, sets=set_)
         elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out)) or set_:
             err.print("weat: note: --resume continues with the run's stored config; other options are ignored", markup=False)
+
+        if devices is not None and cfg is not None and cfg.train.batch_size % devices:
+            raise WeatInputError(f"--batch-size: {cfg.train.batch_size} is the global batch; expected a multiple "
+                                 f"of --devices {devices}")
+        _launch_if_asked(devices)
+        main_rank = _main_rank()
 
         interrupt = Interrupt()
 
@@ -213,12 +236,14 @@ def train(
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            with _TrainDisplay() as display:
+            with (_TrainDisplay() if main_rank else nullcontext()) as display:
                 result = fit(cfg, resume=resume, on_event=display, interrupt=interrupt)
         except TrainingInterrupted as e:
             raise _fail(str(e), EXIT_INTERRUPTED) from None
         finally:
             signal.signal(signal.SIGINT, previous)
+        if not main_rank:
+            return
         err.print(
             f"selected epoch {result.best_epoch}: clean {result.clean_accuracy:.3f}, robust {result.robust_accuracy:.3f} "
             f"({result.seconds:.0f} s); run in {result.run_dir}", markup=False,
@@ -358,6 +383,7 @@ def attack(
         help="Write the images, adversarial images and per-image energies to this .safetensors file.")] = None,
     state: Annotated[Optional[Path], typer.Option(
         help="Save progress to this file and resume from it when it exists (same options).")] = None,
+    devices: DevicesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Robust accuracy under PGD, CW and AutoAttack, with the energies of adversarial points.
@@ -370,13 +396,16 @@ def attack(
 
         eps_value, step_value = _fraction_opt("--eps", eps), _fraction_opt("--step-size", step_size)
         path = _checkpoint_or_newest(ckpt)
-        with _AttackDisplay() as display:
+        _launch_if_asked(devices)
+        with _ranks_done(), (_AttackDisplay() if _main_rank() else nullcontext()) as display:
             result = evaluate_checkpoint(
                 checkpoint=path, attacks=attack_ or ["pgd"], eps=eps_value, norm=norm, steps=steps,
                 step_size=step_value, restarts=restarts, targeted=targeted, target_class=target_class, n=n,
                 split=split, batch_size=batch_size, dataset=dataset, data_dir=data_dir, download=download,
                 device=device, seed=seed, save_adv=save_adv, state_path=state, on_event=display,
             )
+        if not _main_rank():
+            return
         if save_adv is not None:
             err.print(f"adversarial images written to {save_adv}", markup=False, soft_wrap=True)
         if as_json:
@@ -384,6 +413,74 @@ def attack(
         else:
             width = None if sys.stdout.isatty() else 160
             Console(highlight=False, width=width).print(_attack_table(result))
+
+    _guard(body)
+
+
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 prints and writes; a plain process is rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launch_if_asked(devices: Optional[int]) -> None:
+    """`--devices N` (N > 1) outside torchrun: run this same command on N workers, exit with their code."""
+    if devices is None or devices <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from . import distributed as dist_mod
+
+    raise typer.Exit(dist_mod.launch(devices, dist_mod.strip_devices_option(_ARGV)))
+
+
+@contextmanager
+def _ranks_done():
+    """Leave the process group (if the command joined one) when the command ends."""
+    try:
+        yield
+    finally:
+        if "torch.distributed" in sys.modules:
+            from . import distributed as dist_mod
+
+            dist_mod.shutdown()
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(
+        metavar="FILE", help="PyTorch state dict (.pt/.pth, read with weights_only=True) or a plain .safetensors file.")],
+    arch: Annotated[str, typer.Option(help="small-cnn, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10.")],
+    dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100, svhn, tiny-imagenet or npz:PATH (sets classes and image shape).")],
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint to write (default: FILE with suffix .weat.safetensors).")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Per-channel mean of a Normalize layer in front of the net, e.g. 0.4914,0.4822,0.4465 (default: none, as in RobustBench).")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Per-channel std, with --mean.")] = None,
+    eps: Annotated[Optional[str], typer.Option(help="Threat radius the model was trained for; fractions allowed: 8/255 (default: the dataset's recipe).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="linf or l2 (needs --eps; default: the dataset's recipe).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert someone else's PyTorch checkpoint (RobustBench key names) into a weat checkpoint.
+
+    Nothing is unpickled beyond tensors and plain containers. Every tensor must be used, every model
+    key present and every shape right; one forward pass must give finite logits. Prints the path of
+    the written checkpoint as the last line of stdout.
+    """
+
+    def body() -> None:
+        from .importer import import_checkpoint
+
+        r = import_checkpoint(file, arch=arch, dataset=dataset, out=out, mean=mean, std=std, eps=eps, norm=norm,
+                              force=force)
+        notes = [f"weights under {r.unwrapped!r}" if r.unwrapped else "", f"prefix {r.stripped_prefix!r} stripped"
+                 if r.stripped_prefix else "", ", ".join(f"renamed {k} ({n} keys)" for k, n in r.renamed.items()),
+                 f"ignored {len(r.ignored)} tensors the reference model never uses" if r.ignored else ""]
+        norm_text = f"mean {r.mean}, std {r.std}" if r.mean is not None else "no normalisation"
+        err.print(f"imported {r.tensors} tensors ({r.parameters:,} parameters) from {r.source} ({r.source_format})"
+                  + "".join(f"; {n}" for n in notes if n), markup=False, soft_wrap=True)
+        err.print(f"arch {r.arch}, dataset {r.dataset} ({r.num_classes} classes, {r.in_channels}x{r.image_size}x"
+                  f"{r.image_size}), {norm_text}, threat {r.threat}", markup=False, soft_wrap=True)
+        if as_json:
+            _emit_json(r.summary())
+        else:
+            typer.echo(str(r.checkpoint))
 
     _guard(body)
 
@@ -461,6 +558,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option(
         help="Samples file (default <checkpoint dir>/samples-<init>.safetensors).")] = None,
     grid: Annotated[Optional[Path], typer.Option(help="PNG grid, one row per class (default: --out with .png).")] = None,
+    devices: DevicesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate images from a robust classifier: SGLD with momentum on the joint energy E(x,y).
@@ -479,13 +577,16 @@ def sample(
             except ValueError as e:
                 raise WeatInputError(f"--step-size: {e}") from None
         path = _checkpoint_or_newest(ckpt)
-        with _StepDisplay() as display:
+        _launch_if_asked(devices)
+        with _ranks_done(), (_StepDisplay() if _main_rank() else nullcontext()) as display:
             result = sample_checkpoint(
                 checkpoint=path, steps=sgld_steps, n_per_class=n_per_class, n=n, classes=classes, init=init,
                 momentum=momentum, noise=noise, alpha=alpha, pca_variance=pca_variance, pca_sigma=pca_sigma,
                 init_noise_std=init_noise, adaptive=adaptive, batch_size=batch_size, seed=seed, device=device,
                 data_dir=data_dir, out=out, grid=grid, on_event=display, **kwargs,
             )
+        if not _main_rank():
+            return
         s = result.summary()
         err.print(f"{s['n']} samples in {s['seconds']:.1f} s: {s['fraction_classified_as_asked']:.1%} classified as asked, "
                   f"mean E(x,y) {s['energy_initial_mean']:.3f} -> {s['energy_final_mean']:.3f}; grid {s['files']['grid']}",
@@ -649,6 +750,15 @@ def energy_stats(
     _guard(body)
 
 
+def _check_figure_out(out: Path) -> None:
+    """--out of `energy plot` / `energy compare`, checked before the (slow) lens runs."""
+    from .plots import FIGURE_SUFFIXES
+
+    if out.suffix.lower() not in FIGURE_SUFFIXES or out.is_dir():
+        raise WeatInputError(f"--out: {out}; expected a file name ending in {', '.join(FIGURE_SUFFIXES)} "
+                             "(the plotted numbers go next to it as .json)")
+
+
 def _run_label(run_dir: Path, taken: set[str]) -> str:
     cfg_path = run_dir / "config.toml"
     label = run_dir.name
@@ -682,6 +792,7 @@ def energy_plot(
         from . import plots
         from .phases import detect_phases, read_metrics
 
+        _check_figure_out(out)
         if all(t.is_dir() for t in targets):
             runs, phases, taken = {}, {}, set()
             for run_dir in targets:
@@ -734,6 +845,7 @@ def energy_compare(
     def body() -> None:
         from . import plots
 
+        _check_figure_out(out)
         models, taken = {}, set()
         for path in ckpts:
             lens = _lens(path, [attack_], n, eps, steps, batch_size, None, None, device, seed)
@@ -772,14 +884,23 @@ def energy_trades(
         from .lens import trades_decomposition
         from .train import generator_for, resolve_device
 
+        eps_opt = _fraction_opt("--eps", eps)
+        if eps_opt is not None and not 0 < eps_opt <= 1:
+            raise WeatInputError(f"--eps: {eps}; expected a linf radius in (0, 1]")
+        for flag, value, low in (("--n", n, 1), ("--steps", steps, 0), ("--batch-size", batch_size, 1)):
+            if value < low:
+                raise WeatInputError(f"{flag}: {value}; expected an integer >= {low}")
         path = _checkpoint_or_newest(ckpt)
-        dev = resolve_device(device or "auto")
+        try:
+            dev = resolve_device(device or "auto")
+        except (WeatInputError, RuntimeError):
+            raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
         loaded = ckpt_mod.load(path, device=dev)
         cfg = loaded.config
         ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
-        if n < 1 or n > len(ds.test_x):
+        if n > len(ds.test_x):
             raise WeatInputError(f"--n: {n}; expected 1..{len(ds.test_x)} (the test split's size)")
-        eps_value = _fraction_opt("--eps", eps) or cfg.attack.eps
+        eps_value = eps_opt or cfg.attack.eps
         step = cfg.attack.step_size * eps_value / cfg.attack.eps
         result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n]), ds.test_y[:n], eps=eps_value,
                                       step_size=step, steps=steps, batch_size=batch_size,
@@ -799,8 +920,12 @@ def energy_trades(
 # ----------------------------------------------------------------------------- entry point
 
 
+_ARGV: list[str] = []  # the command line, for `weat train --devices N` to hand to its workers
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click's usage errors become one line and exit code 2 as well."""
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="weat")
     except _UsageError as e:

@@ -224,20 +224,27 @@ class _State:
         self.tensors: dict[str, torch.Tensor] = {}
         self.last_save = time.monotonic()
 
-    def load(self) -> bool:
+    @staticmethod
+    def read(path: Path, metadata_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """An existing state file's tensors and metadata; anything else is bad input naming --state."""
         from . import checkpoint
 
+        tensors, meta = checkpoint.read(path, flag="--state", metadata_only=metadata_only,
+                                        what="a weat attack state file; pass a new file name to start over")
+        if meta.get("format") != STATE_FORMAT:
+            raise WeatInputError(f"--state: {path} is not a weat attack state file (format {meta.get('format')!r}, "
+                                 f"expected {STATE_FORMAT!r}); pass a new file name to start over")
+        return tensors, meta
+
+    def load(self) -> bool:
         if self.path is None or not self.path.exists():
             return False
-        tensors, meta = checkpoint.read(self.path)
-        if meta.get("format") != STATE_FORMAT:
-            raise WeatInputError(f"--state: {self.path} is not a weat attack state file (format {meta.get('format')!r}, "
-                                 f"expected {STATE_FORMAT!r}); pass a new file name to start over")
+        tensors, meta = self.read(self.path)
         saved = json.loads(meta.get("fingerprint", "{}"))
         changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
         if changed:
             raise WeatInputError(f"--state: {self.path} belongs to another evaluation ({', '.join(changed)} differ); "
-                                 "rerun with the original options or pass a new file name")
+                                 "expected the options it was saved with: rerun with them or pass a new file name")
         self.progress = json.loads(meta["progress"])
         self.tensors = tensors
         return True
@@ -334,6 +341,7 @@ def evaluate_model(
     state_path: Path | str | None = None,
     model_name: str = "model",
     on_event: EventFn | None = None,
+    index_offset: int = 0,
 ) -> Evaluation:
     """Attack the images x (n, C, H, W; uint8, or float in [0,1]) with labels y (n,) on x's device.
 
@@ -343,6 +351,8 @@ def evaluate_model(
     or "least-likely"); robust accuracy still counts correct predictions of the true label.
     keep_adversarial keeps x and every attack's x* (CPU float32) in the result. The model is cast
     to fp32 (in place) and attacked through attacks.folded_eval_model.
+    index_offset: where x starts in a larger set split into shards (batch-aligned): each batch's
+    random starts are then those the whole set's evaluation would draw for it.
     on_event(kind, payload): "warning" {message}, "resume" {path, progress}, "attack" {attack,
     stages}, "stage" {attack, stage, done, total}, "progress" {attack, stage, done, total},
     "stage_done" {attack, stage, robust_accuracy}, "done" {attack, result}.
@@ -359,6 +369,18 @@ def evaluate_model(
     if step_size is None:
         step_size = eps / 4 if eps > 0 else 1 / 255  # a 0-radius ball has one point; any step stays there
     model = model.float()
+    # The state file is checked before any work, so a foreign one is refused at once.
+    settings = {"eps": eps, "norm": norm, "steps": steps, "step_size": step_size, "restarts": restarts,
+                "targeted": targeted, "target_class": target if targeted else None, "seed": seed,
+                "batch_size": batch_size}
+    state = _State(Path(state_path) if state_path is not None else None, {})
+    if state.path is not None:
+        state.fingerprint = {
+            "model": _digest(sorted(model.state_dict().items())), "images": _digest([("x", x), ("y", y)]),
+            "attacks": names, "save_adv": keep_adversarial, **settings,
+        }
+        if state.load():
+            emit("resume", {"path": str(state.path), "progress": state.progress})
 
     def images(i: int | torch.Tensor, j: int | None = None) -> torch.Tensor:
         part = x[i:j] if j is not None else x[i]
@@ -388,25 +410,13 @@ def evaluate_model(
 
             targets = attacks_mod.choose_targets(y, logits_nat, target, generator=generator_for(device, seed, _TARGET_STREAM))
 
-        settings = {"eps": eps, "norm": norm, "steps": steps, "step_size": step_size, "restarts": restarts,
-                    "targeted": targeted, "target_class": target if targeted else None, "seed": seed,
-                    "batch_size": batch_size}
-        state = _State(Path(state_path) if state_path is not None else None, {})
-        if state.path is not None:
-            state.fingerprint = {
-                "model": _digest(sorted(model.state_dict().items())), "images": _digest([("x", x), ("y", y)]),
-                "attacks": names, "save_adv": keep_adversarial, **settings,
-            }
-            if state.load():
-                emit("resume", {"path": str(state.path), "progress": state.progress})
-
         results: dict[str, AttackResult] = {}
         try:
             for name in names:
                 results[name] = _run_attack(
                     name, model=fast, images=images, y=y, n=n, correct=correct, e_nat=e_nat, j_nat=j_nat,
                     targets=targets, settings=settings, num_classes=num_classes, keep=keep_adversarial,
-                    state=state, emit=emit, warnings=warnings,
+                    state=state, emit=emit, warnings=warnings, index_offset=index_offset,
                 )
         finally:
             state.save(force=True)  # also when interrupted: a rerun continues from here
@@ -434,7 +444,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, targets, settings, num_classes, keep,
-                state: _State, emit: EventFn, warnings: list[str]) -> AttackResult:
+                state: _State, emit: EventFn, warnings: list[str], index_offset: int = 0) -> AttackResult:
     """One attack, stage by stage and batch by batch, resuming from `state`."""
     from .energy import energy, joint_energy
     from .train import generator_for
@@ -480,7 +490,7 @@ def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, target
                 i, j = prog["pos"], min(prog["pos"] + bs, n)
                 xb, yb = images(i, j), y[i:j]
                 goal = targets[i:j] if targeted else yb
-                g = generator_for(device, settings["seed"], code, i)
+                g = generator_for(device, settings["seed"], code, index_offset + i)
                 xa = attacks_mod.pgd_restarts(
                     model, xb, goal, restarts=settings["restarts"], targeted=targeted, generator=g, eps=eps,
                     step_size=settings["step_size"], steps=settings["steps"], norm=norm, objective=_OBJECTIVE[stage],
@@ -569,10 +579,12 @@ def newest_checkpoint(root: Path | str = "runs") -> Path | None:
 
 
 def _device(name: str) -> torch.device:
-    from .train import resolve_device
+    from .train import configure_backends, resolve_device
 
     try:
-        return resolve_device(name)
+        device = resolve_device(name)
+        configure_backends(device, tf32=False)  # robust accuracy is reported in IEEE fp32
+        return device
     except WeatInputError as e:
         raise WeatInputError(str(e).replace("train.device", "--device", 1)) from None
     except RuntimeError:
@@ -618,6 +630,11 @@ def evaluate_checkpoint(
     for flag, path in (("--save-adv", save_adv), ("--state", state_path)):
         if path is not None:
             check_writable(flag, Path(path))
+    if state_path is not None and Path(state_path).exists():
+        _State.read(Path(state_path), metadata_only=True)  # a foreign file is refused before any work
+    from . import distributed as dist_mod
+
+    ctx, device = dist_mod.init(device)  # under torchrun: this rank's device, and its shard of the images
     dev = _device(device)
     ck = ckpt_mod.load(checkpoint, device=dev)
     threat = ck.config.attack
@@ -654,20 +671,92 @@ def evaluate_checkpoint(
         raise WeatInputError(f"--n: {n!r}; expected an integer >= 1")
     if n > len(xs):
         raise WeatInputError(f"--n: {n} is more than the {len(xs)} images of the {name} {split} split")
-    x, y = xs[:n].to(dev), ys[:n].to(dev)  # uint8 on the device; batches become float there
-    emit("start", {"model": str(checkpoint), "dataset": name, "split": split, "n": n, "device": str(dev),
-                   "eps": eps, "norm": norm, "attacks": names})
+    # Each rank takes whole consecutive batches, so its batches (and their random starts) are the
+    # single-process run's.
+    batches = range(math.ceil(n / batch_size))[ctx.shard(math.ceil(n / batch_size))]
+    part = slice(batches.start * batch_size, min(batches.stop * batch_size, n))
+    x, y = xs[:n][part].to(dev), ys[:n][part].to(dev)  # uint8 on the device; batches become float there
+    if ctx.enabled:
+        if not ctx.main:
+            emit = _silent
+        if state_path is not None:  # one state file per rank: each resumes its own shard
+            state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{ctx.rank}-of-{ctx.world}")
+    start = {"model": str(checkpoint), "dataset": name, "split": split, "n": n, "device": str(dev),
+             "eps": eps, "norm": norm, "attacks": names}
 
+    def emit_after_start(kind: str, payload: dict[str, Any]) -> None:
+        # "start" waits for evaluate_model's first event, so that bad input it finds (a --state file of
+        # another evaluation) is the only line printed.
+        if start:
+            emit("start", dict(start))
+            start.clear()
+        emit(kind, payload)
+
+    if ctx.enabled and len(x) == 0:  # fewer batches than ranks: this one has nothing to do
+        parts = dist_mod.gather_objects(None, ctx)
+        return merge_evaluations([p for p in parts if p is not None])
     result = evaluate_model(
         model=ck.model, x=x, y=y, attacks=names, eps=eps, norm=norm, steps=steps, step_size=step_size,
         restarts=restarts, targeted=targeted, target_class=target, batch_size=batch_size, seed=seed,
-        keep_adversarial=save_adv is not None, state_path=state_path, model_name=str(checkpoint), on_event=emit,
+        keep_adversarial=save_adv is not None, state_path=state_path, model_name=str(checkpoint),
+        on_event=emit_after_start, index_offset=part.start,
     )
-    result.info.update({"dataset": name, "split": split, "arch": ck.config.model.arch, "method": ck.config.train.method})
-    if save_adv is not None:
+    if ctx.enabled:
+        result = merge_evaluations([p for p in dist_mod.gather_objects(result, ctx) if p is not None])
+        result.info["ranks"] = ctx.world
+    result.info.update({"dataset": name, "split": split, "arch": ck.config.model.arch,
+                        "method": ck.metadata.get("method", ck.config.train.method)})  # "imported" for weat import
+    if save_adv is not None and ctx.main:
         save_adversarial(Path(save_adv), result)
         result.info["save_adv"] = str(save_adv)
     return result
+
+
+def _silent(kind: str, payload: dict[str, Any]) -> None:
+    pass
+
+
+def merge_evaluations(parts: list[Evaluation]) -> Evaluation:
+    """One evaluation from the evaluations of consecutive shards of the images (rank order).
+    Accuracies are recomputed from the per-example flags, stage accuracies and target success
+    rates from the counts behind each shard's share; seconds are the slowest shard's."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+
+    def cat(tensors) -> torch.Tensor:
+        return torch.cat(list(tensors))
+
+    y, correct = cat(p.y for p in parts), cat(p.correct for p in parts)
+    e_nat, j_nat = cat(p.energy_natural for p in parts), cat(p.joint_natural for p in parts)
+    n = len(y)
+    attacks: dict[str, AttackResult] = {}
+    for name, r0 in first.attacks.items():
+        rs = [p.attacks[name] for p in parts]
+        robust = cat(r.robust for r in rs)
+        e_adv, j_adv = cat(r.energy_adversarial for r in rs), cat(r.joint_adversarial for r in rs)
+        sizes = [len(r.robust) for r in rs]
+        stages = {k: sum(r.stages[k] * m for r, m in zip(rs, sizes)) / n for k in r0.stages}
+        targets = cat(r.targets for r in rs) if r0.targets is not None else None
+        rate = None
+        if r0.target_success_rate is not None:
+            aimed = [int((r.targets != p.y).sum()) for r, p in zip(rs, parts)]
+            rate = sum(r.target_success_rate * m for r, m in zip(rs, aimed)) / max(sum(aimed), 1)
+        attacks[name] = AttackResult(
+            name=name, robust_accuracy=_fraction(robust), seconds=max(r.seconds for r in rs),
+            energy=energy_summary(e_nat, e_adv, j_nat, j_adv), settings=r0.settings, robust=robust,
+            energy_adversarial=e_adv, joint_adversarial=j_adv, stages=stages, targets=targets,
+            target_success_rate=rate, x_adv=cat(r.x_adv for r in rs) if r0.x_adv is not None else None,
+        )
+    robust_all = correct.clone()
+    for r in attacks.values():
+        robust_all &= r.robust
+    return Evaluation(
+        model=first.model, eps=first.eps, norm=first.norm, n=n, clean_accuracy=_fraction(correct), attacks=attacks,
+        worst_case_accuracy=_fraction(robust_all), y=y, correct=correct, energy_natural=e_nat, joint_natural=j_nat,
+        warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)), info=dict(first.info),
+        x=cat(p.x for p in parts) if first.x is not None else None,
+    )
 
 
 def save_adversarial(path: Path, result: Evaluation) -> None:

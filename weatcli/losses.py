@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import attack_mode, pgd
+from .attacks import attack_mode, engine_options_now, pgd
 from .config import METHODS, RunConfig
 from .energy import kl_per_example, weat_weights
 
@@ -41,6 +41,7 @@ def method_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunCo
     """The adversarial points x* a method trains on (eval mode, frozen weights)."""
     objective, init = METHOD_ATTACK[cfg.train.method]
     a = cfg.attack
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no all-reduce here
     with attack_mode(model):
         p_nat = None
         if objective == "kl":
@@ -112,6 +113,12 @@ def mail_weights(logits_adv: torch.Tensor, y: torch.Tensor, bias: float, slope: 
         p_true = p.gather(1, y[:, None]).squeeze(1)
         p_other = p.scatter(1, y[:, None], -1.0).amax(1)
         w = torch.sigmoid(slope * (p_other - p_true + bias))
+        rank, world = engine_options_now().shard
+        if world > 1:  # one rank's slice of a global batch: normalise by the global mean
+            from .distributed import all_reduce_
+
+            total = all_reduce_(torch.stack([w.sum(), torch.tensor(float(len(w)), device=w.device)]))
+            return w * (total[1] / total[0])
         return w / w.mean()
 
 

@@ -347,7 +347,8 @@ def parse_classes(value: str | Sequence[int] | None, num_classes: int) -> list[i
         raise WeatInputError(f"--classes: {value!r}; expected at least one class index")
     bad = [c for c in items if not 0 <= c < num_classes]
     if bad:
-        raise WeatInputError(f"--classes: class {bad[0]} out of range; the model has {num_classes} classes (0..{num_classes - 1})")
+        raise WeatInputError(f"--classes: class {bad[0]} out of range; expected class indices 0..{num_classes - 1} "
+                             f"(the model has {num_classes} classes)")
     return list(dict.fromkeys(items))
 
 
@@ -439,6 +440,10 @@ def save_samples(path: Path, result: SampleResult) -> None:
     ckpt_mod.save(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
 
 
+def _silent(kind: str, payload: dict[str, Any]) -> None:
+    pass
+
+
 def sample_checkpoint(
     *,
     checkpoint: Path | str,
@@ -475,7 +480,7 @@ def sample_checkpoint(
     from . import data as data_mod
     from .attacks import attack_mode, folded_eval_model
     from .plots import sample_grid
-    from .train import generator_for, resolve_device
+    from .train import configure_backends, generator_for, resolve_device
 
     emit = on_event or (lambda kind, payload: None)
     init = init.strip().lower() if isinstance(init, str) else init
@@ -489,10 +494,16 @@ def sample_checkpoint(
     check_writable("--grid", grid)
     if grid.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise WeatInputError(f"--grid: {grid}; expected a .png, .pdf or .svg file name")
+    from . import distributed as dist_mod
+
+    ctx, device = dist_mod.init(device)  # under torchrun each rank runs its share of the batches
+    if not ctx.main:
+        emit = _silent
     try:
         dev = resolve_device(device)
     except (WeatInputError, RuntimeError):
         raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
+    configure_backends(dev, tf32=False)
     ck = ckpt_mod.load(checkpoint, device=dev)
     k_classes = ck.num_classes
     wanted = parse_classes(classes, k_classes)
@@ -536,8 +547,10 @@ def sample_checkpoint(
     outs_x, outs_e0, outs_taken = [], [], []
     t0 = time.perf_counter()
     batches = math.ceil(total / batch_size)
+    mine = range(batches)[ctx.shard(batches)]
     # BN folded into the convolutions: the same function with fewer ops per SGLD step; reported
     # energies and predictions still come from the checkpoint's own model.
+    mine_images = max(min(mine.stop * batch_size, total) - mine.start * batch_size, 0)
     example = torch.zeros((min(batch_size, 8), *shape), device=dev)
     with attack_mode(folded_eval_model(ck.model.eval(), example)) as model:
         for b in range(batches):
@@ -550,10 +563,12 @@ def sample_checkpoint(
                 x0 = init_pca(yb, stats, variance=pca_variance, sigma=pca_sigma, generator=g_init)
             else:
                 x0 = init_noise(yb, x_train, y_train, std=init_noise_std, generator=g_init)
-            done_before = b * batch_size * steps
+            if b not in mine:
+                continue  # another rank's batch; its start was drawn to keep g_init in step
+            done_before = (b - mine.start) * batch_size * steps
 
             def on_step(i: int, done_before: int = done_before, size: int = len(yb)) -> None:
-                emit("step", {"done": done_before + size * i, "total": total * steps})  # image-steps
+                emit("step", {"done": done_before + size * i, "total": mine_images * steps})  # image-steps
 
             res = sgld(model, x0, yb, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
                        stop_energy=None if stop is None else stop[yb], threshold=adaptive,
@@ -561,6 +576,13 @@ def sample_checkpoint(
             outs_x.append((res.x * 255.0).round_().to(torch.uint8))
             outs_e0.append(res.energy_initial)
             outs_taken.append(res.steps_taken)
+    if ctx.enabled:  # every rank's batches, in order (the shards are consecutive)
+        parts = dist_mod.gather_objects((outs_x, outs_e0, outs_taken), ctx)
+        outs_x, outs_e0, outs_taken = ([t.to(dev) for p in parts for t in p[i]] for i in range(3))
+        if not ctx.main:
+            return SampleResult(samples=torch.empty(0), labels=labels, predictions=torch.empty(0),
+                                energy_initial=torch.empty(0), energy_final=torch.empty(0), steps_taken=torch.empty(0),
+                                seconds=time.perf_counter() - t0, settings=settings)
     samples = torch.cat(outs_x)
     # Energies and classes of what is saved (the uint8 images) under the checkpoint's own model.
     preds, e_final = [], []

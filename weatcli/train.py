@@ -20,13 +20,16 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from contextlib import nullcontext
+
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import distributed as dist_mod
 from .attacks import attack_mode, engine_options, pgd, predict
 from .config import RunConfig
 from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, remove_stale_temps
 from .losses import LOSSES, method_attack
 from .models import ARCHS, build
 from .phases import energy_select_epoch
@@ -194,7 +197,10 @@ class _RunLock:
     def __enter__(self) -> _RunLock:
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # an unwritable run directory: exit 1 naming it, not a traceback
+            raise WeatRunError(f"cannot write {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -286,33 +292,53 @@ def fit(
         try:
             state = json.loads(resumed.metadata["resume"])
         except (KeyError, ValueError):
-            raise WeatInputError(f"--resume: {last} has no resume state (is it a model.safetensors?)") from None
+            raise WeatInputError(f"--resume: {last} has no resume state (a model.safetensors?); expected a run directory or its last.safetensors") from None
     elif cfg is None:
         raise ValueError("fit() needs a config unless it resumes a run")
 
     t = cfg.train
     if cfg.model.arch not in ARCHS:
         raise WeatInputError(f"model.arch: unknown {cfg.model.arch!r}; expected one of {', '.join(ARCHS)}")
-    device = resolve_device(t.device)
-    dataset = data_mod.load(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, device=device)
-    if resume is None:
-        run_dir = _new_run_dir(cfg)
+    ctx, device_name = dist_mod.init(t.device)  # a single process unless started by torchrun
+    try:
+        device = resolve_device(device_name)
+        if t.batch_size % ctx.world:
+            raise WeatInputError(f"train.batch_size: {t.batch_size} is the global batch; expected a multiple of "
+                                 f"the {ctx.world} ranks")
+        dataset = data_mod.load(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, device=device)
+        if resume is None:  # rank 0 names (and creates) the run directory, the others follow
+            run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
+        lock = _RunLock(run_dir) if ctx.main else nullcontext()
+        with lock, engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
+            return _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else _quiet,
+                               interrupt, ctx)
+    finally:
+        if ctx.enabled:
+            dist_mod.shutdown()
 
-    with _RunLock(run_dir), engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
-        return _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit, interrupt)
+
+def _quiet(kind: str, payload: dict[str, Any]) -> None:
+    pass
 
 
-def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt) -> FitResult:
+def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt, ctx) -> FitResult:
     t = cfg.train
     torch.manual_seed(t.seed)  # model initialisation only; everything else uses explicit generators
     model = build(cfg.model.arch, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                   image_size=dataset.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
+    if ctx.enabled and t.sync_bn:
+        dist_mod.convert_batch_norm(model)
     configure_backends(device, t.tf32)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = compiled(model, t.compile)  # what the loop calls; checkpoints are written from `model`
+    train_net = net  # the training forward; attacks and evaluation use `net` (no gradient all-reduce)
+    if ctx.enabled:
+        train_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # One fused kernel for the whole update on CUDA, multi-tensor (foreach) kernels elsewhere.
+    fused = device.type == "cuda"
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                nesterov=t.nesterov, foreach=True)
+                                nesterov=t.nesterov, foreach=None if fused else True, fused=fused or None)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     loss_fn = LOSSES[t.method]
     meta_common = dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size)
@@ -337,18 +363,27 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
             scaler.load_state_dict(state["scaler"])
         sums = {k[len(ckpt.STATE_PREFIX) + 4 :]: v.to(device) for k, v in resumed.extra.items()
                 if k.startswith(ckpt.STATE_PREFIX + "sum/")}
+        if not ctx.main:  # the saved sums are global: rank 0 carries them on, the others start at 0
+            sums = {k: torch.zeros_like(v) for k, v in sums.items()}
         gen_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
     metrics_path = run_dir / "metrics.jsonl"
     history = _read_metrics(metrics_path, start_epoch)
-    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    if ctx.main:
+        # Temp files of atomic writes a killed run left behind (rank 0 holds the lock: nobody else writes here).
+        remove_stale_temps(run_dir / "last.safetensors", run_dir / "model.safetensors", metrics_path,
+                           run_dir / "config.toml", run_dir / "snapshots" / "epoch-*.safetensors")
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     def save_last(epoch: int, batch: int, generator: torch.Generator | None) -> None:
+        global_sums = dist_mod.all_reduce_sums(sums) if batch else {}  # a collective: every rank calls it
+        if not ctx.main:
+            return
         tensors = ckpt.state_dict_of(model)
         tensors.update(_optimizer_tensors(optimizer))
         if batch:  # mid-epoch: the epoch's generator and running sums make the replay exact
             tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
-            tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in sums.items()})
+            tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in global_sums.items()})
         meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=history[-1] if history else {}, **meta_common)
         resume_state = {"epoch": epoch, "batch": batch, "best": best}
         if scaler.is_enabled():
@@ -356,6 +391,8 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         meta["resume"] = json.dumps(resume_state)
         _write_checkpoint(run_dir / "last.safetensors", tensors, meta)
 
+    if resumed is None:  # from here on the run directory always holds a last.safetensors to resume from
+        save_last(0, 0, None)
     emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": batches, "start_epoch": start_epoch,
                    "device": str(device), "method": t.method, "dataset": cfg.data.dataset, "history": list(history)})
     t0 = time.perf_counter()
@@ -373,14 +410,16 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
             idx = perm[b * batch_size : (b + 1) * batch_size]
             x = data_mod.augment(dataset.train_x[idx], generator=g, padding=cfg.data.crop_padding, flip=cfg.data.flip)
             y = dataset.train_y[idx]
+            # Every rank augmented the whole global batch (the generators stay in step); keep our slice.
+            x, y = dist_mod.local_batch(x, ctx), dist_mod.local_batch(y, ctx)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(epoch * batches + b, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with _autocast(device, t.precision):
-                loss, stats = loss_fn(net, x, y, cfg, generator=g, progress=epoch / t.epochs)
-            if t.nan_policy == "skip-batch" and not bool(torch.isfinite(loss.detach())):
+            with _autocast(device, t.precision), engine_options(shard=(ctx.rank, ctx.world)):
+                loss, stats = loss_fn(train_net, x, y, cfg, generator=g, progress=epoch / t.epochs)
+            if t.nan_policy == "skip-batch" and not _all_finite(loss, ctx):
                 # No update from this batch and nothing of it in the epoch's averages.
                 stats = {"skipped_batches": torch.ones((), device=device)}
             else:
@@ -393,15 +432,18 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
             for k, v in stats.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.detach().float().clone()
-            if ((b + 1) % SYNC_EVERY == 0 or b + 1 == batches) and "n" in sums:
-                running = float(sums["loss"] / sums["n"])
+            at_check = (b + 1) % SYNC_EVERY == 0 or b + 1 == batches
+            if at_check and "n" in sums:
+                seen = dist_mod.all_reduce_sums({"loss": sums["loss"], "n": sums["n"]})
+                running = float(seen["loss"] / seen["n"])
                 if not math.isfinite(running):
+                    where = torch.where(first_bad > 0, first_bad, batches + 1)
                     raise WeatRunError(
-                        f"non-finite loss at epoch {epoch + 1} batch {int(first_bad)} (of {batches}); "
-                        f"the last good checkpoint is kept in {run_dir}"
+                        f"non-finite loss at epoch {epoch + 1} batch {int(dist_mod.all_reduce_(where, 'min'))} "
+                        f"(of {batches}); the last good checkpoint is kept in {run_dir}"
                     )
                 emit("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": batches, "loss": running, "lr": lr})
-            if interrupt.requested:
+            if _stop_requested(interrupt, ctx, at_check, device):
                 if b + 1 < batches:
                     save_last(epoch, b + 1, g)
                 else:
@@ -410,6 +452,7 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         start_batch = 0
         train_seconds = time.perf_counter() - e0
 
+        sums = dist_mod.all_reduce_sums(sums)  # the epoch's totals over every rank
         eval_gen = generator_for(device, t.seed, 1_000_003)  # the same attack starts every epoch
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * batches - 1, total_steps, cfg)}
         if "n" not in sums:
@@ -433,15 +476,15 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         if bad:
             raise WeatRunError(f"non-finite weights ({bad[0]}) after epoch {epoch + 1}; the last good checkpoint is kept in {run_dir}")
         history.append(row)
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-
-        if t.select == "energy":
-            best = _select_by_energy(run_dir, model, cfg, history, best, meta_common)
-        else:
-            best = _select_by_accuracy(run_dir, model, cfg, row, best, meta_common)
+        if ctx.main:  # every rank evaluated the same model on the same images; rank 0 writes
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+            if t.select == "energy":
+                best = _select_by_energy(run_dir, model, cfg, history, best, meta_common)
+            else:
+                best = _select_by_accuracy(run_dir, model, cfg, row, best, meta_common)
         save_last(epoch + 1, 0, None)
         emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": best["epoch"]})
-        if interrupt.requested:
+        if _stop_requested(interrupt, ctx, True, device):
             raise TrainingInterrupted(run_dir, epoch + 1, batches)
 
     return FitResult(
@@ -454,6 +497,23 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         seconds=time.perf_counter() - t0,
         history=history,
     )
+
+
+def _all_finite(loss: torch.Tensor, ctx) -> bool:
+    """Is the loss finite on every rank? (They must agree on skipping a batch.)"""
+    finite = torch.isfinite(loss.detach()).float()
+    return bool(dist_mod.all_reduce_(finite, "min")) if ctx.enabled else bool(finite)
+
+
+def _stop_requested(interrupt: Interrupt, ctx, at_check: bool, device: torch.device) -> bool:
+    """A stop (Ctrl-C) is acted on at once in one process; with several ranks only at a check,
+    where they agree on it (any rank asked), so every rank saves and stops at the same batch."""
+    if not ctx.enabled:
+        return interrupt.requested
+    if not at_check:
+        return False
+    flag = torch.tensor(float(interrupt.requested), device=device)
+    return bool(dist_mod.all_reduce_(flag, "max"))
 
 
 def _select_by_accuracy(run_dir: Path, model: nn.Module, cfg: RunConfig, row: dict[str, Any],
