@@ -31,7 +31,8 @@ from weatcli.config import resolve
 from weatcli.energy import weat_weights
 from weatcli.losses import weat_adv_loss
 from weatcli.models import build
-from weatcli.train import generator_for, resolve_device
+from weatcli.attacks import engine_options
+from weatcli.train import _autocast, compiled, configure_backends, generator_for, resolve_device
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -70,8 +71,12 @@ def reference_step(model, opt, x, y, cfg):
 
 
 def weat_step(model, opt, x_u8, y, cfg, g):
+    """weat's training step as weatcli.train runs it (engine options, autocast, channels_last)."""
     x = data_mod.augment(x_u8, generator=g, padding=cfg.data.crop_padding, flip=cfg.data.flip)
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = cfg.train
+    with engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile), _autocast(x.device, t.precision):
         loss, _ = weat_adv_loss(model, x, y, cfg, generator=g)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -91,12 +96,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="blocks per implementation, alternating")
     ap.add_argument("--synthetic", type=int, default=0, help="use N random uint8 images of the preset's shape")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weat's step (the reference is fp32)")
+    ap.add_argument("--compile", action="store_true", help="weat: torch.compile the model and fuse the PGD update")
+    ap.add_argument("--cuda-graphs", action="store_true", help="weat: replay the PGD steps as CUDA graphs")
     ap.add_argument("--out", default="benchmarks/results/bench_train.json")
     args = ap.parse_args()
 
-    cfg = resolve(preset=args.preset, overrides={"train.device": args.device, "train.precision": args.precision})
+    cfg = resolve(preset=args.preset, overrides={"train.device": args.device, "train.precision": args.precision,
+                                                 "train.compile": args.compile, "train.cuda_graphs": args.cuda_graphs})
     device = resolve_device(cfg.train.device)
+    # The reference runs with PyTorch's defaults (cuDNN may use TF32), weat as `weat train` sets it up.
+    default_backends = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                        torch.backends.cuda.matmul.allow_tf32)
     if args.synthetic:
         shapes = {"digits": (1, 16, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10), "tiny-imagenet": (3, 64, 200)}
         c, s, k = shapes[cfg.data.dataset]
@@ -128,7 +139,13 @@ def main() -> None:
     # Per-step wall times, interleaved in blocks: this machine's timings are noisy (shared
     # cores), so the figure is the median step of each implementation over all blocks.
     ref_model, ref_opt = fresh_model()
-    our_model, our_opt = fresh_model()
+    our_model, _ = fresh_model()
+    if device.type == "cuda":
+        our_model = our_model.to(memory_format=torch.channels_last)
+    fused = device.type == "cuda"
+    our_opt = torch.optim.SGD(our_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              foreach=None if fused else True, fused=fused or None)
+    our_model = compiled(our_model, args.compile)
     dev_x, dev_y = train_x.to(device), train_y.to(device)
     g = generator_for(device, 0, 0)
     perm = torch.randperm(len(dev_x), generator=g, device=device)
@@ -144,11 +161,14 @@ def main() -> None:
             return next(ref_iter)
 
     def one_reference():
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = default_backends
         x, y = ref_batch()  # the DataLoader's work is part of the reference step
         reference_step(ref_model, ref_opt, x.to(device), y.to(device), cfg)
 
     def one_weat():
         nonlocal our_pos
+        configure_backends(device, tf32=False)
         if our_pos + bs > len(dev_x):
             our_pos = 0
         idx = perm[our_pos : our_pos + bs]
