@@ -293,3 +293,24 @@ def test_checkpoint_defaults_and_mismatched_data(model_path, tmp_path):
     root = write_cifar10(tmp_path / "data")
     with pytest.raises(WeatInputError, match="channels 3.*expects 1"):
         evaluate.evaluate_checkpoint(checkpoint=model_path, dataset="cifar10", data_dir=str(root))
+
+
+def test_autoattack_batch_that_does_not_fit_is_run_in_halves(monkeypatch):
+    from weatcli import attacks as attacks_mod
+    from weatcli.evaluate import _autoattack_fitting
+
+    sizes = []
+
+    def fake(model, x, y, *, on_warning, **kwargs):
+        sizes.append(len(x))
+        if len(x) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x + y.view(-1, 1, 1, 1).float()  # per-example, so order is checkable
+
+    monkeypatch.setattr(attacks_mod, "autoattack", fake)
+    x, y = torch.zeros(20, 1, 2, 2), torch.arange(20)
+    warnings: list[str] = []
+    out = _autoattack_fitting(None, x, y, on_warning=warnings.append, eps=0.1)
+    assert torch.equal(out[:, 0, 0, 0], y.float())  # every image once, in order
+    assert sizes == [20, 10, 5, 5, 10, 5, 5]
+    assert len(set(warnings)) == 2 and all("did not fit" in w for w in warnings)

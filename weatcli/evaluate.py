@@ -443,6 +443,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autoattack_fitting(model, x: torch.Tensor, y: torch.Tensor, *, on_warning, **kwargs) -> torch.Tensor:
+    """AutoAttack on the batch as given (pass the largest --batch-size you like); a batch that does
+    not fit in GPU memory is split in halves, recursively, with one warning."""
+    try:
+        return attacks_mod.autoattack(model, x, y, on_warning=on_warning, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        if len(x) == 1:
+            raise
+    torch.cuda.empty_cache()
+    on_warning(f"AutoAttack: a batch of {len(x)} images did not fit in GPU memory; ran it in halves")
+    half = len(x) // 2
+    return torch.cat([_autoattack_fitting(model, x[:half], y[:half], on_warning=on_warning, **kwargs),
+                      _autoattack_fitting(model, x[half:], y[half:], on_warning=on_warning, **kwargs)])
+
+
 def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, targets, settings, num_classes, keep,
                 state: _State, emit: EventFn, warnings: list[str], index_offset: int = 0) -> AttackResult:
     """One attack, stage by stage and batch by batch, resuming from `state`."""
@@ -509,8 +524,8 @@ def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, target
                 done = j
             else:
                 xb, yb = images(idx), y[idx]
-                xa = attacks_mod.autoattack(model, xb, yb, eps=eps, norm=norm, parts=(stage,), seed=settings["seed"],
-                                            num_classes=num_classes, on_warning=aa_warnings.append)
+                xa = _autoattack_fitting(model, xb, yb, eps=eps, norm=norm, parts=(stage,), seed=settings["seed"],
+                                         num_classes=num_classes, on_warning=aa_warnings.append)
                 with torch.no_grad():
                     logits = model(xa).float()
                 fooled = logits.argmax(1) != yb
