@@ -142,3 +142,24 @@ def test_compiled_training_computes_what_eager_training_computes(tmp_path):
     for key in ("train_accuracy", "clean_accuracy", "robust_accuracy"):
         assert abs(row[key] - eager[key]) <= 0.1, key
     assert _weights(compiled.checkpoint).keys() == _weights(tmp_path / "eager" / "run" / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("arch", ["small-cnn", "resnet18", "wrn-28-10"])
+def test_mixed_precision_keeps_the_stem_and_the_classifier_in_fp32(arch):
+    from weatcli.models import keep_ends_in_fp32, unwrap
+
+    torch.manual_seed(0)
+    model = build(arch, num_classes=10, in_channels=3, image_size=32, mean=(0.5,), std=(0.25,)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+        keep_ends_in_fp32(model)
+        assert list(model.state_dict()) == keys  # same checkpoint format
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # outside autocast: nothing changes
+        seen = {}
+        stem = next(m for m in unwrap(model).modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_hook(lambda m, i, o: seen.update(stem=o.dtype))  # returns None: output kept
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+    assert seen["stem"] == torch.float32 and logits.dtype == torch.float32

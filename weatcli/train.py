@@ -31,7 +31,7 @@ from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
 from .fileio import atomic_write_text, remove_stale_temps
 from .losses import LOSSES, method_attack
-from .models import ARCHS, build
+from .models import ARCHS, build, keep_ends_in_fp32
 from .phases import energy_select_epoch
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -328,6 +328,8 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
                   image_size=dataset.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
     if ctx.enabled and t.sync_bn:
         dist_mod.convert_batch_norm(model)
+    if t.precision != "fp32":
+        keep_ends_in_fp32(model)
     configure_backends(device, t.tf32)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
