@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--baseline-workers", type=int, default=0, help="DataLoader workers of the reference (bench_train: 0)")
     ap.add_argument("--baseline-warmup", type=int, default=None, help="untimed reference batches (default 3 on CUDA, 1 on CPU)")
     ap.add_argument("--baseline-batches", type=int, default=0, help="time only this many reference batches and extrapolate")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="CUDA: count the host syncs of the run (torch.cuda.set_sync_debug_mode), to check the GPU never waits")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -172,7 +174,21 @@ def main() -> None:
                       file=sys.stderr)
 
         before = reset_peak_memory(device)
-        res = fit(cfg, on_event=progress)
+        syncs = None
+        if args.sync_debug and cuda:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    res = fit(cfg, on_event=progress)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            print(f"  host syncs during the run (training, evaluation, checkpoints): {syncs}", file=sys.stderr)
+        else:
+            res = fit(cfg, on_event=progress)
         weat_peak = peak_memory(device)
         weat_tf32 = cudnn_tf32() if cuda else None  # as fit() left it (train.tf32)
         history = res.history
@@ -195,6 +211,7 @@ def main() -> None:
         "train_config": cfg.train.model_dump(mode="json"),
         "history": history, "train_seconds_per_epoch": [r["train_seconds"] for r in history],
         "seconds_per_epoch": [r["seconds"] for r in history],
+        "host_syncs": syncs,
         "headline_train_seconds": train_s, "images_per_s": batches * cfg.train.batch_size / train_s,
         "projected_100_epochs_train_seconds": 100 * train_s * 50_000 / n,
         "projected_100_epochs_seconds_with_this_eval": 100 * float(last["seconds"]) * 50_000 / n,
