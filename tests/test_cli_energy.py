@@ -30,6 +30,13 @@ def test_stats_json(trained, capsys):
     assert stats["n"] == 40 and sum(c["clean"]["energy"]["n"] for c in stats["per_class"].values()) == 40
 
 
+def test_default_n_is_capped_by_the_split(trained, capsys):
+    """The digits test split has 360 images, fewer than the default 1000: all of them are used."""
+    code, out, err = run_cli(["energy", "stats", str(trained[0].checkpoint), "-a", "pgd", "--steps", "1", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["n"] == 360
+
+
 def test_plot_checkpoint_and_run_dirs(trained, tmp_path, capsys):
     fig = tmp_path / "figs" / "hist.png"
     code, out, err = run_cli(["energy", "plot", str(trained[0].checkpoint), "--out", str(fig), "--n", "40", "--steps", "3",

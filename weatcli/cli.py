@@ -170,6 +170,15 @@ class _TrainDisplay(_ProgressDisplay):
                             "may have begun; --select energy keeps the epoch before it")
 
 
+def _name_flags(message: str, overrides: dict[str, Any]) -> str:
+    """A config error about a key the user set with a flag names the flag: `--epochs (train.epochs): ...`."""
+    for key, value in overrides.items():
+        if value is not None and key in message:
+            flag = "--" + key.split(".", 1)[1].replace("_", "-")
+            message = message.replace(f"config: {key}:", f"{flag} ({key}):").replace(f" {key} ", f" {flag} ({key}) ")
+    return message
+
+
 @app.command()
 def train(
     preset: PresetOpt = None,
@@ -217,7 +226,10 @@ def train(
                 "train.compile": compile_, "train.cuda_graphs": cuda_graphs, "train.tf32": tf32,
                 "train.nan_policy": nan_policy, "train.sync_bn": sync_bn,
             }
-            cfg = config_mod.resolve(preset=preset, overrides=overrides, sets=set_)
+            try:
+                cfg = config_mod.resolve(preset=preset, overrides=overrides, sets=set_)
+            except WeatInputError as e:
+                raise WeatInputError(_name_flags(str(e), overrides)) from None
         elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out)) or set_:
             err.print("weat: note: --resume continues with the run's stored config; other options are ignored", markup=False)
 
@@ -674,7 +686,8 @@ app.add_typer(energy_app, name="energy")
 LensAttackOpt = Annotated[Optional[list[str]], typer.Option(
     "--attack", "-a", help="Attack name (as in weat attack), '-targeted' suffix for pgd/cw; repeatable. "
     "Default: pgd and pgd-targeted.")]
-LensNOpt = Annotated[int, typer.Option("--n", help="Test images (the first N).")]
+DEFAULT_LENS_N = 1000
+LensNOpt = Annotated[Optional[int], typer.Option("--n", help="Test images: the first N (default 1000, or the whole split if smaller).")]
 StepsOpt = Annotated[int, typer.Option(help="PGD / CW steps.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch.")]
 FixedSeedOpt = Annotated[int, typer.Option(help="Random seed.")]
@@ -689,11 +702,11 @@ def _fraction_opt(flag: str, value: Optional[str]) -> Optional[float]:
         raise WeatInputError(f"{flag}: {e}") from None
 
 
-def _lens(ckpt: Optional[Path], attack_: Optional[list[str]], n: int, eps: Optional[str], steps: int, batch_size: int,
+def _lens(ckpt: Optional[Path], attack_: Optional[list[str]], n: Optional[int], eps: Optional[str], steps: int, batch_size: int,
           dataset: Optional[str], data_dir: Optional[str], device: Optional[str], seed: int) -> Any:
     from .lens import DEFAULT_ATTACKS, energy_lens
 
-    if n < 1:
+    if n is not None and n < 1:
         raise WeatInputError(f"--n: {n}; expected an integer >= 1")
     path = _checkpoint_or_newest(ckpt)
     with _AttackDisplay() as display:
@@ -725,7 +738,7 @@ def _print_table(table: Any) -> None:
 def energy_stats(
     ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
     attack_: LensAttackOpt = None,
-    n: LensNOpt = 1000,
+    n: LensNOpt = None,
     eps: EpsOpt = None,
     steps: StepsOpt = 20,
     per_class: Annotated[bool, typer.Option("--per-class", help="Also per true class.")] = False,
@@ -775,7 +788,7 @@ def energy_plot(
     targets: Annotated[list[Path], typer.Argument(metavar="CKPT | RUN_DIR...", help="One checkpoint (energy histograms) or run directories (training dynamics).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the plotted numbers go next to it as .json.")],
     attack_: LensAttackOpt = None,
-    n: LensNOpt = 1000,
+    n: LensNOpt = None,
     eps: EpsOpt = None,
     steps: StepsOpt = 20,
     batch_size: BatchOpt = 500,
@@ -831,7 +844,7 @@ def energy_compare(
     ckpts: Annotated[list[Path], typer.Argument(metavar="CKPT...", help="Checkpoints to compare.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the numbers go next to it as .json.")],
     attack_: Annotated[str, typer.Option("--attack", "-a", help="The attack whose dE is compared.")] = "pgd",
-    n: LensNOpt = 1000,
+    n: LensNOpt = None,
     eps: EpsOpt = None,
     steps: StepsOpt = 20,
     batch_size: BatchOpt = 500,
@@ -867,7 +880,7 @@ def energy_compare(
 @energy_app.command("trades")
 def energy_trades(
     ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
-    n: LensNOpt = 1000,
+    n: LensNOpt = None,
     eps: EpsOpt = None,
     steps: Annotated[int, typer.Option(help="Steps of the TRADES KL attack.")] = 10,
     batch_size: BatchOpt = 500,
@@ -888,7 +901,7 @@ def energy_trades(
         if eps_opt is not None and not 0 < eps_opt <= 1:
             raise WeatInputError(f"--eps: {eps}; expected a linf radius in (0, 1]")
         for flag, value, low in (("--n", n, 1), ("--steps", steps, 0), ("--batch-size", batch_size, 1)):
-            if value < low:
+            if value is not None and value < low:
                 raise WeatInputError(f"{flag}: {value}; expected an integer >= {low}")
         path = _checkpoint_or_newest(ckpt)
         try:
@@ -898,11 +911,12 @@ def energy_trades(
         loaded = ckpt_mod.load(path, device=dev)
         cfg = loaded.config
         ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
-        if n > len(ds.test_x):
+        n_images = min(DEFAULT_LENS_N, len(ds.test_x)) if n is None else n
+        if n_images > len(ds.test_x):
             raise WeatInputError(f"--n: {n}; expected 1..{len(ds.test_x)} (the test split's size)")
         eps_value = eps_opt or cfg.attack.eps
         step = cfg.attack.step_size * eps_value / cfg.attack.eps
-        result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n]), ds.test_y[:n], eps=eps_value,
+        result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n_images]), ds.test_y[:n_images], eps=eps_value,
                                       step_size=step, steps=steps, batch_size=batch_size,
                                       generator=generator_for(dev, seed, 7))
         result["model"] = str(path)

@@ -628,6 +628,7 @@ def evaluate_checkpoint(
     save_adv: Path | str | None = None,
     state_path: Path | str | None = None,
     on_event: EventFn | None = None,
+    default_n: int = DEFAULT_N,
 ) -> Evaluation:
     """`weat attack`: the checkpoint says which model, data and threat; arguments override.
 
@@ -681,7 +682,7 @@ def evaluate_checkpoint(
         raise WeatInputError(f"--dataset: {name} has {ds.num_classes} classes; the checkpoint's model has {ck.num_classes}")
     xs, ys = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
     if n is None:
-        n = min(DEFAULT_N, len(xs))
+        n = min(default_n, len(xs))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise WeatInputError(f"--n: {n!r}; expected an integer >= 1")
     if n > len(xs):

@@ -70,7 +70,7 @@ def energy_lens(
     *,
     checkpoint: Path | str,
     attacks: Sequence[str] = DEFAULT_ATTACKS,
-    n: int | None = 1000,
+    n: int | None = None,
     eps: float | None = None,
     steps: int = 20,
     batch_size: int = 500,
@@ -80,7 +80,8 @@ def energy_lens(
     seed: int = 0,
     on_event: EventFn | None = None,
 ) -> EnergyLens:
-    """Energies of the first n test images and of their adversarial points under each attack.
+    """Energies of the first n test images (default min(1000, split size)) and of their
+    adversarial points under each attack.
 
     Untargeted and targeted attacks run through `weat attack`'s engine (evaluate.evaluate_checkpoint),
     the targeted ones towards a random wrong class per example.
@@ -98,7 +99,7 @@ def energy_lens(
         if not bases:
             continue
         ev = evaluate_checkpoint(checkpoint=checkpoint, attacks=bases, eps=eps, steps=steps, targeted=targeted,
-                                 target_class="random" if targeted else None, n=n, batch_size=batch_size,
+                                 target_class="random" if targeted else None, n=n, default_n=1000, batch_size=batch_size,
                                  dataset=dataset, data_dir=data_dir, device=device, seed=seed, on_event=on_event)
         for base, r in ev.attacks.items():
             results[f"{base}-targeted" if targeted else base] = (ev, r)
