@@ -85,12 +85,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def current() -> Context:
-    if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return SINGLE
-
-
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -138,15 +132,6 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
-
-
-def gather_cat(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """Concatenate every rank's (n_r, ...) tensor along dim 0 in rank order (sizes may differ)."""
-    if not ctx.enabled:
-        return t
-    parts: list[Any] = [None] * ctx.world
-    dist.all_gather_object(parts, t.detach().cpu())
-    return torch.cat(parts).to(t.device)
 
 
 # ----------------------------------------------------------------------------- batch norm
@@ -267,8 +252,3 @@ def local_batch(x: torch.Tensor, ctx: Context) -> torch.Tensor:
         return x
     per = len(x) // ctx.world
     return x[ctx.rank * per : (ctx.rank + 1) * per]
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
