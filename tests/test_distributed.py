@@ -158,3 +158,36 @@ def test_attack_and_sample_shard_their_images_and_gather_the_same_results(tmp_pa
     assert samples[1].keys() == samples[2].keys()
     for k in samples[1]:
         assert torch.equal(samples[1][k], samples[2][k]), k
+
+
+def _stop_after_first_epoch(args: list[str], run: Path, how) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "weatcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").exists() or not _rows(run):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before epoch 1 was saved"
+            time.sleep(0.05)
+        how(proc)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("devices,how", [
+    (2, lambda p: os.killpg(p.pid, signal.SIGINT)),  # Ctrl-C in a terminal: the launcher and its workers
+    (1, lambda p: os.kill(p.pid, signal.SIGTERM)),  # a pre-empted job
+], ids=["ctrl-c-2-ranks", "sigterm-1-process"])
+def test_a_stop_signal_saves_the_run_and_resume_finishes_it(tmp_path, devices, how):
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--method", "trades", "--epochs", "3", "--devices", str(devices), "--out", str(run)]
+    r = _stop_after_first_epoch(args, run, how)
+    assert r.returncode == 130, r.stderr
+    assert "resume with: weat train --resume" in r.stderr and "Traceback" not in r.stderr
+    state = json.loads(ckpt.read(run / "last.safetensors")[1]["resume"])
+    assert state["epoch"] >= 1  # at least epoch 1, plus the batches of epoch 2 done before the stop
+    r = _weat("train", "--resume", str(run), "--devices", str(devices))
+    assert r.returncode == 0, r.stderr
+    assert [row["epoch"] for row in _rows(run)] == [1, 2, 3]

@@ -241,19 +241,26 @@ def train(
 
         interrupt = Interrupt()
 
-        def on_sigint(signum, frame):  # first Ctrl-C: finish the batch, save, exit 130; second: now
+        def on_stop(signum, frame):
+            # The first Ctrl-C or SIGTERM (a pre-empted job, or torchrun stopping its workers): finish
+            # the batch (with several ranks: reach the next agreed check), save, exit 130. A second: now.
             interrupt.requested = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            err.print("weat: stopping after this batch (Ctrl-C again to abort without saving)", markup=False)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if main_rank:
+                err.print("weat: stopping: saving the run's state (Ctrl-C again to abort without saving)", markup=False)
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with (_TrainDisplay() if main_rank else nullcontext()) as display:
                 result = fit(cfg, resume=resume, on_event=display, interrupt=interrupt)
         except TrainingInterrupted as e:
+            if not main_rank:
+                raise typer.Exit(EXIT_INTERRUPTED) from None
             raise _fail(str(e), EXIT_INTERRUPTED) from None
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if not main_rank:
             return
         err.print(

@@ -204,6 +204,7 @@ def launch(nproc: int, argv: list[str], *, nnodes: int = 1) -> int:
     """Run `python -m weatcli ARGV` on nproc local workers through torchrun's launcher API
     (torch.distributed.launcher.api.elastic_launch, the function behind `torchrun --standalone`).
     Returns the exit code: 0, or 1 when a worker failed (the others are stopped)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -217,6 +218,9 @@ def launch(nproc: int, argv: list[str], *, nnodes: int = 1) -> int:
     elastic_log.setLevel(logging.CRITICAL)  # a failure is reported below, in one line
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "weatcli", *argv)
+    except SignalException as e:  # Ctrl-C / SIGTERM: the workers got it too, saved their state and stopped
+        print(f"weat: error: interrupted (signal {int(e.sigval)}); the workers were stopped", file=sys.stderr)
+        return 130
     except ChildFailedError as e:
         failures = e.failures  # global rank -> ProcessFailure
         if not failures:
