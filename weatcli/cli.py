@@ -236,7 +236,7 @@ def train(
         if devices is not None and cfg is not None and cfg.train.batch_size % devices:
             raise WeatInputError(f"--batch-size: {cfg.train.batch_size} is the global batch; expected a multiple "
                                  f"of --devices {devices}")
-        _launch_if_asked(devices)
+        _launch_if_asked(devices, cfg.train.device if cfg is not None else device)
         main_rank = _main_rank()
 
         interrupt = Interrupt()
@@ -415,7 +415,7 @@ def attack(
 
         eps_value, step_value = _fraction_opt("--eps", eps), _fraction_opt("--step-size", step_size)
         path = _checkpoint_or_newest(ckpt)
-        _launch_if_asked(devices)
+        _launch_if_asked(devices, device)
         with _ranks_done(), (_AttackDisplay() if _main_rank() else nullcontext()) as display:
             result = evaluate_checkpoint(
                 checkpoint=path, attacks=attack_ or ["pgd"], eps=eps_value, norm=norm, steps=steps,
@@ -441,11 +441,19 @@ def _main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _launch_if_asked(devices: Optional[int]) -> None:
-    """`--devices N` (N > 1) outside torchrun: run this same command on N workers, exit with their code."""
+def _launch_if_asked(devices: Optional[int], device: Optional[str]) -> None:
+    """`--devices N` (N > 1) outside torchrun: run this same command on N workers, exit with their code.
+    On a machine with GPUs (and a device other than cpu) each worker takes one GPU."""
     if devices is None or devices <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
+    import torch
+
     from . import distributed as dist_mod
+
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and devices > gpus:
+        raise WeatInputError(f"--devices: {devices}; this machine has {gpus} GPU(s); expected at most {gpus} "
+                             "(or --device cpu for CPU processes)")
 
     raise typer.Exit(dist_mod.launch(devices, dist_mod.strip_devices_option(_ARGV)))
 
@@ -596,7 +604,7 @@ def sample(
             except ValueError as e:
                 raise WeatInputError(f"--step-size: {e}") from None
         path = _checkpoint_or_newest(ckpt)
-        _launch_if_asked(devices)
+        _launch_if_asked(devices, device)
         with _ranks_done(), (_StepDisplay() if _main_rank() else nullcontext()) as display:
             result = sample_checkpoint(
                 checkpoint=path, steps=sgld_steps, n_per_class=n_per_class, n=n, classes=classes, init=init,
