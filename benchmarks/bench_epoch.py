@@ -14,9 +14,7 @@ benchmarks/bench_train.py's `reference_step` (natural softmax recomputed at ever
 fp32, model as built) fed by a DataLoader with torchvision transforms (RandomCrop 32 pad 4 + flip +
 ToTensor on PIL images). Its ratio is reference seconds / weat train_seconds.
 
---compile, --cuda-graphs and --tf32 pass `train.compile=true` (and `train.compile_mode` if it
-exists), `train.cuda_graphs=true` and `train.tf32=true` when weatcli's TrainConfig has those keys
-(checked on the pydantic model's fields); otherwise the script says so and runs without them.
+--compile, --cuda-graphs and --tf32 set `train.compile`, `train.cuda_graphs` and `train.tf32`.
 The reference epoch runs with PyTorch's default TF32 settings (cuDNN convolutions in TF32), not the
 ones fit() leaves behind, and with cudnn.benchmark on.
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 
 from benchutil import cudnn_tf32, environment, gib, peak_memory, reset_peak_memory, sync, write_json
-from weatcli.config import TrainConfig, resolve
+from weatcli.config import resolve
 from weatcli.train import fit, resolve_device
 
 TARGET_S = 9.0  # issue #6: <= 9 s/epoch for resnet18 on an H100
@@ -51,27 +49,9 @@ def write_npz(path: Path, n: int, n_test: int, seed: int) -> None:
 
 
 def speed_overrides(args) -> tuple[dict, dict]:
-    """train.compile (+ compile_mode), train.cuda_graphs, train.tf32 where TrainConfig has them.
-    Returns (overrides, {option: what was done})."""
-    fields = TrainConfig.model_fields
-    out: dict = {}
-    notes: dict = {}
-    for flag, key in ((args.compile, "compile"), (args.cuda_graphs, "cuda_graphs"), (args.tf32, "tf32")):
-        if not flag:
-            notes[key] = "off"
-        elif key not in fields:
-            print(f"warning: weatcli's TrainConfig has no `{key}` key; running without it", file=sys.stderr)
-            notes[key] = f"requested, but train.{key} does not exist"
-        else:
-            out[f"train.{key}"] = True if fields[key].annotation is bool else args.compile_mode
-            notes[key] = f"train.{key}={out[f'train.{key}']!r}"
-    if args.compile and "compile" in fields:
-        if "compile_mode" in fields:
-            out["train.compile_mode"] = args.compile_mode
-            notes["compile"] += f", compile_mode={args.compile_mode!r}"
-        elif fields["compile"].annotation is bool:
-            notes["compile"] += " (weat's own torch.compile mode; --compile-mode unused)"
-    return out, notes
+    """--compile, --cuda-graphs, --tf32 as config overrides, and an on/off note of each for the JSON."""
+    chosen = {"compile": args.compile, "cuda_graphs": args.cuda_graphs, "tf32": args.tf32}
+    return {f"train.{k}": True for k, on in chosen.items() if on}, {k: "on" if on else "off" for k, on in chosen.items()}
 
 
 def reference_epoch(cfg, npz: Path, device: torch.device, *, workers: int, warmup: int, limit: int | None,
@@ -125,14 +105,13 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=None, help="test images in the file (default 10,000 on CUDA, 32 on CPU)")
     ap.add_argument("--epochs", type=int, default=None, help="default 2 on CUDA (the last is the headline), 1 on CPU")
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--precision", default=None, help="train.precision: fp32, bf16 (or fp16 where weatcli has it); default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--precision", default=None, help="train.precision: fp32, bf16 or fp16; default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's (128) on CUDA, 32 on CPU")
     ap.add_argument("--eval-n", type=int, default=None, help="train.eval_n (default 500 on CUDA, 16 on CPU)")
     ap.add_argument("--energy-n", type=int, default=None, help="train.energy_n (default 500 on CUDA, 16 on CPU)")
-    ap.add_argument("--compile", action="store_true", help="train.compile=true if weatcli has that key")
-    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="train.compile_mode, if weatcli has it")
-    ap.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs=true if weatcli has that key")
-    ap.add_argument("--tf32", action="store_true", help="train.tf32=true if weatcli has that key")
+    ap.add_argument("--compile", action="store_true", help="train.compile=true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs=true")
+    ap.add_argument("--tf32", action="store_true", help="train.tf32=true")
     ap.add_argument("--baseline", action="store_true", help="also time a reference epoch of the paper's loop")
     ap.add_argument("--baseline-workers", type=int, default=0, help="DataLoader workers of the reference (bench_train: 0)")
     ap.add_argument("--baseline-warmup", type=int, default=None, help="untimed reference batches (default 3 on CUDA, 1 on CPU)")

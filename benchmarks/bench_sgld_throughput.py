@@ -7,8 +7,8 @@ does not depend on weights or content), in this process, interleaved, for each p
 - `folded`: attacks.folded_eval_model inside attacks.attack_mode, which is what `weat sample` runs;
 - `attack_mode`: the model itself inside attacks.attack_mode (BatchNorm not folded).
 Precision fp32 is what `weat sample` runs; bf16 (torch.autocast) is measured with --precision
-fp32,bf16 to show what it would give. The backend flags are left as `weat sample` leaves them
-(PyTorch's defaults: cudnn.benchmark off, cuDNN TF32 on) unless --cudnn-benchmark. FLOPs per
+fp32,bf16 to show what it would give. The backend flags are set as `weat sample` sets them
+(train.configure_backends: cudnn.benchmark on, TF32 off). FLOPs per
 image-step are counted as in bench_throughput (FlopCounterMode, one forward + input gradient).
 Peak GPU memory is measured on one untimed run per configuration (reset in between); null on CPU.
 
@@ -30,7 +30,7 @@ from benchutil import environment, gib, parse_peak_override, peak_for, peak_memo
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.models import ARCHS, build
 from weatcli.sampling import DEFAULT_NOISE, DEFAULT_STEP_SIZE, DEFAULT_STEPS, sgld
-from weatcli.train import resolve_device
+from weatcli.train import configure_backends, resolve_device
 
 SHAPE, CLASSES = (3, 32, 32), 10
 TARGET_S = 60.0  # issue #6: 10,000 samples x 200 steps in <= 1 min
@@ -50,7 +50,6 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--noise", type=float, default=DEFAULT_NOISE)
     ap.add_argument("--project-steps", type=int, default=DEFAULT_STEPS, help="SGLD steps per sample of the projection")
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="turn cuDNN autotuning on (weat sample leaves it off)")
     ap.add_argument("--peak-tflops", default=None, help="dense peak: one number, or e.g. bf16=989,fp32=494")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -72,8 +71,7 @@ def main() -> None:
     steps = args.steps or (20 if cuda else 2)
     repeats = args.repeats or (7 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
+    configure_backends(device, tf32=False)  # as weat sample sets them up
     override = parse_peak_override(args.peak_tflops)
 
     torch.manual_seed(args.seed)

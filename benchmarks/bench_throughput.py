@@ -10,9 +10,9 @@ every architecture x precision x path, in this process, interleaved:
 - path `folded`: attacks.folded_eval_model (BatchNorm folded into the convolutions,
   channels_last), which is what `weat attack` and `weat sample` run;
 - with --compile, each path again through torch.compile (`+compile`; plus the fused sign/clamp
-  update, `engine_options(fused_update=True)`, where weatcli.attacks has it, as train.compile does);
+  update, `engine_options(fused_update=True)`, as train.compile does);
 - with --cuda-graphs, each path again under `engine_options(cuda_graphs=True)` (`+graphs`: one PGD
-  step captured as a CUDA graph and replayed), where weatcli.attacks has it.
+  step captured as a CUDA graph and replayed).
 Precision bf16 is torch.autocast(device_type, dtype=torch.bfloat16) around the attack, as training
 runs it; fp32 is plain IEEE fp32 unless --tf32 (weat's train.tf32 default is off; with --tf32 the
 fp32 peak is the TF32 tensor-core one, else the non-tensor FP32 one).
@@ -42,10 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchutil import (ISSUE_H100_BF16_TFLOPS, ISSUE_TARGET_FRACTION, environment, gib, parse_peak_override, peak_for,
                        peak_memory, peak_table_entry, reset_peak_memory, timed, write_json)
-from weatcli import attacks as attacks_mod
-from weatcli.attacks import attack_mode, folded_eval_model, pgd
+from weatcli.attacks import attack_mode, engine_options, folded_eval_model, pgd
 from weatcli.models import ARCHS, build
-from weatcli.train import resolve_device
+from weatcli.train import configure_backends, resolve_device
 
 EPS, STEP = 8 / 255, 2 / 255
 SHAPE, CLASSES = (3, 32, 32), 10
@@ -101,13 +100,7 @@ def main() -> None:
     repeats = args.repeats or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     override = parse_peak_override(args.peak_tflops)
-    engine_options = getattr(attacks_mod, "engine_options", None)  # the speed paths, where weatcli has them
-    if args.cuda_graphs and engine_options is None:
-        ap.error("--cuda-graphs: this weatcli has no attacks.engine_options")
-    if cuda:  # as weatcli.train.configure_backends sets them
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
+    configure_backends(device, args.tf32)  # as weat train sets them up
     table_label, _ = peak_table_entry(device)
 
     rows = []
@@ -134,7 +127,7 @@ def main() -> None:
             models["folded"] = (folded, {})
         base = list(models.items())
         if args.compile:
-            fused = {"fused_update": True} if engine_options is not None else {}
+            fused = {"fused_update": True}
             for name, (m, _) in base:
                 models[f"{name}+compile"] = (torch.compile(m, mode=args.compile_mode), fused)
         if args.cuda_graphs:
@@ -226,7 +219,7 @@ def main() -> None:
         "benchmark": "PGD step throughput (image-steps/s), achieved TFLOP/s and fraction of peak",
         **env, "peak_table_match": table_label, "peak_tflops_override": override,
         "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
-        "cuda_graphs": args.cuda_graphs, "tf32": args.tf32, "engine_options_available": engine_options is not None,
+        "cuda_graphs": args.cuda_graphs, "tf32": args.tf32,
         "eps": EPS, "step_size": STEP, "image_shape": list(SHAPE), "num_classes": CLASSES,
         "batch_size": bs, "steps_per_run": steps, "repeats": repeats, "warmup": warmup,
         "rows": rows, "headline": head, "issue_anchor": anchor,

@@ -45,6 +45,15 @@ def tiny_config(tmp_path: Path | None = None, **sets) -> config_mod.RunConfig:
     return config_mod.resolve(preset="digits-weat", overrides=overrides)
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: quick on a busy machine, and what the subprocesses use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _TRAINED: dict[tuple[str, int], object] = {}
 
 

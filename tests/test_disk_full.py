@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import run_cli
 from test_resume_kill import TEMP, _rows, write_tiny_npz
@@ -39,14 +38,6 @@ def _permissions_enforced() -> bool:
 
 
 needs_permissions = pytest.mark.skipif(not _permissions_enforced(), reason="running as root: directory permissions are not enforced")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

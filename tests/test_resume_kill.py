@@ -260,15 +260,6 @@ def _tiny_fit_config(tmp_path: Path, data: Path, **sets):
                                     "train.select": "last", **sets})
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread: quick on a busy machine, and what the subprocesses use."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny dataset and an uninterrupted 2-epoch run on it: (npz, run directory)."""

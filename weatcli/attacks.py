@@ -15,6 +15,7 @@ References: Madry et al. 2018 (PGD), Zhang et al. 2019 (TRADES KL attack), Carli
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import sys
 import weakref
@@ -206,14 +207,10 @@ def _l2_update(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: fl
     return _project_l2(x_adv + step_size * grad / g_norm, x, eps)
 
 
-_FUSED: list[Callable] = []
-
-
+@functools.cache
 def _fused_linf_update() -> Callable:
     """_linf_update compiled by inductor into a single elementwise kernel (compiled once)."""
-    if not _FUSED:
-        _FUSED.append(torch.compile(_linf_update, dynamic=False, fullgraph=True))
-    return _FUSED[0]
+    return torch.compile(_linf_update, dynamic=False, fullgraph=True)
 
 
 def _grad_scale() -> float:
@@ -295,7 +292,7 @@ MAX_GRAPHS_PER_MODEL = 4
 
 def _graph_for(model, objective, sign, norm, eps, step_size, x, y, p_nat) -> _GraphedStep | None:
     """The captured step for this model, attack and batch shape (captured on first use)."""
-    if model.training or torch.is_grad_enabled() is False:
+    if model.training or not torch.is_grad_enabled():
         return None  # only frozen eval-mode attacks are captured; other callers run eagerly
     key = (objective, sign, norm, float(eps), float(step_size), tuple(x.shape), x.dtype, x.device,
            p_nat is None, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
