@@ -461,13 +461,15 @@ def _launch_if_asked(devices: Optional[int], device: Optional[str]) -> None:
 @contextmanager
 def _ranks_done():
     """Leave the process group (if the command joined one) when the command ends."""
+    completed = False
     try:
         yield
+        completed = True
     finally:
         if "torch.distributed" in sys.modules:
             from . import distributed as dist_mod
 
-            dist_mod.shutdown()
+            dist_mod.shutdown(completed=completed)
 
 
 @app.command("import")

@@ -80,8 +80,13 @@ def init(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Contex
     return ctx, device_name
 
 
-def shutdown() -> None:
+def shutdown(*, completed: bool = True) -> None:
+    """Leave the process group. After a normal finish the ranks first wait for each other, so that
+    no rank tears gloo down while a peer still has work in flight (that aborts with "terminate called
+    without an active exception"); after a failure nobody waits for a peer that may be gone."""
     if dist.is_available() and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

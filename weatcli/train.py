@@ -300,6 +300,7 @@ def fit(
     if cfg.model.arch not in ARCHS:
         raise WeatInputError(f"model.arch: unknown {cfg.model.arch!r}; expected one of {', '.join(ARCHS)}")
     ctx, device_name = dist_mod.init(t.device)  # a single process unless started by torchrun
+    completed = False
     try:
         device = resolve_device(device_name)
         if t.batch_size % ctx.world:
@@ -310,11 +311,16 @@ def fit(
             run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
         lock = _RunLock(run_dir) if ctx.main else nullcontext()
         with lock, engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
-            return _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else _quiet,
-                               interrupt, ctx)
+            result = _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else _quiet,
+                                 interrupt, ctx)
+        completed = True
+        return result
+    except TrainingInterrupted:
+        completed = True  # every rank stopped at the same agreed batch
+        raise
     finally:
         if ctx.enabled:
-            dist_mod.shutdown()
+            dist_mod.shutdown(completed=completed)
 
 
 def _quiet(kind: str, payload: dict[str, Any]) -> None:
