@@ -31,7 +31,7 @@ from weatcli import data as data_mod
 from weatcli.config import resolve
 from weatcli.evaluate import evaluate_model
 from weatcli.models import build
-from weatcli.train import resolve_device
+from weatcli.runtime import resolve_device
 
 
 def _sync(device: torch.device) -> None:

@@ -36,7 +36,8 @@ import torch
 
 from benchutil import cudnn_tf32, environment, gib, peak_memory, reset_peak_memory, sync, write_json
 from weatcli.config import resolve
-from weatcli.train import fit, resolve_device
+from weatcli.runtime import resolve_device
+from weatcli.train import fit
 
 TARGET_S = 9.0  # issue #6: <= 9 s/epoch for resnet18 on an H100
 

@@ -36,7 +36,7 @@ from weatcli import checkpoint as ckpt_mod
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.models import build
 from weatcli.sampling import sgld
-from weatcli.train import resolve_device
+from weatcli.runtime import resolve_device
 
 
 def reference_sgld(model, x0, y, *, steps, step_size, momentum, noise, alpha, generator, collect=True):

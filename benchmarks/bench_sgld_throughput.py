@@ -30,7 +30,7 @@ from benchutil import environment, gib, parse_peak_override, peak_for, peak_memo
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.models import ARCHS, build
 from weatcli.sampling import DEFAULT_NOISE, DEFAULT_STEP_SIZE, DEFAULT_STEPS, sgld
-from weatcli.train import configure_backends, resolve_device
+from weatcli.runtime import configure_backends, resolve_device
 
 SHAPE, CLASSES = (3, 32, 32), 10
 TARGET_S = 60.0  # issue #6: 10,000 samples x 200 steps in <= 1 min

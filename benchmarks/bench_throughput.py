@@ -44,7 +44,7 @@ from benchutil import (ISSUE_H100_BF16_TFLOPS, ISSUE_TARGET_FRACTION, environmen
                        peak_memory, peak_table_entry, reset_peak_memory, timed, write_json)
 from weatcli.attacks import attack_mode, engine_options, folded_eval_model, pgd
 from weatcli.models import ARCHS, build
-from weatcli.train import configure_backends, resolve_device
+from weatcli.runtime import configure_backends, resolve_device
 
 EPS, STEP = 8 / 255, 2 / 255
 SHAPE, CLASSES = (3, 32, 32), 10

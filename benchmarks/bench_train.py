@@ -32,7 +32,8 @@ from weatcli.energy import weat_weights
 from weatcli.losses import weat_adv_loss
 from weatcli.models import build
 from weatcli.attacks import engine_options
-from weatcli.train import _autocast, compiled, configure_backends, generator_for, resolve_device
+from weatcli.runtime import configure_backends, generator_for, resolve_device
+from weatcli.train import _autocast, compiled
 
 
 class _PILDataset(torch.utils.data.Dataset):

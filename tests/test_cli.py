@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_cli
 from weatcli import __version__, cli
+from weatcli import display as ui
 from weatcli import train as train_mod
 
 
@@ -147,7 +148,7 @@ def test_weat_train_subprocess_prints_the_checkpoint_last(tmp_path):
 
 
 def test_train_display_warns_once_when_phase_3_starts(capsys):
-    display = cli._TrainDisplay()
+    display = ui.TrainDisplay()
     with display:
         display("start", {"epochs": 60, "start_epoch": 0, "method": "pgd-at", "dataset": "digits", "device": "cpu",
                           "run_dir": "r", "history": []})

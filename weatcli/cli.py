@@ -19,6 +19,7 @@ from rich.console import Console
 
 from . import __version__
 from . import config as config_mod
+from . import display as ui
 from .errors import WeatInputError, WeatRunError
 
 app = typer.Typer(
@@ -33,7 +34,7 @@ app = typer.Typer(
 presets_app = typer.Typer(help="List and show the bundled presets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
 
-err = Console(stderr=True, highlight=False)
+from .display import err
 # click's UsageError, whether typer uses click or vendors its own copy of it (typer >= 0.20).
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -98,85 +99,40 @@ def _root(
 # ----------------------------------------------------------------------------- train
 
 
-def _row_text(row: dict[str, Any]) -> str:
-    parts = [f"loss {row['train_loss']:.4f}", f"clean {row['clean_accuracy']:.3f}", f"robust {row['robust_accuracy']:.3f}"]
-    parts += [f"E(x) {row['energy_natural']:.2f}", f"E(x*) {row['energy_adversarial']:.2f}", f"dE(x) {row['delta_energy']:+.3f}"]
-    return "  ".join(parts)
-
-
-class _ProgressDisplay:
-    """A transient rich progress bar on stderr with one reusable task; lines printed above it."""
-
-    def __init__(self, *extra_columns: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
-                                 TimeElapsedColumn(), console=err, transient=True)
-        self.task = None
-
-    def __enter__(self):
-        self.live = err.is_terminal  # in a log file the bar is noise (and its last refresh a blank line)
-        if self.live:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.live:
-            self.progress.__exit__(*exc)
-
-    def _print(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, soft_wrap=True)
-
-
-class _TrainDisplay(_ProgressDisplay):
-    """rich progress on stderr: one bar per epoch, one summary line per finished epoch."""
-
-    def __init__(self) -> None:
-        from rich.progress import TextColumn
-
-        super().__init__(TextColumn("{task.fields[info]}"))
-        self.epochs = 0
-        self.rows: list[dict[str, Any]] = []
-        self.phase3: int | None = None
-
-    def __call__(self, kind: str, p: dict[str, Any]) -> None:
-        if kind == "start":
-            self.epochs = p["epochs"]
-            self.rows = list(p.get("history", []))  # a resumed run's earlier epochs
-            verb = "resuming" if p["start_epoch"] else "training"
-            self._print(f"{verb} {p['method']} on {p['dataset']} ({p['device']}) -> {p['run_dir']}")
-        elif kind == "batch":
-            if self.task is None:
-                self.task = self.progress.add_task("", total=p["batches"], info="")
-            self.progress.update(self.task, completed=p["batch"], total=p["batches"],
-                                 description=f"epoch {p['epoch']}/{self.epochs}", info=f"loss {p['loss']:.4f}")
-        elif kind == "epoch":
-            row = p["row"]
-            star = " *" if p["best_epoch"] == row["epoch"] else ""
-            self._print(f"epoch {row['epoch']:>3}/{p['epochs']}  {_row_text(row)}  ({row['seconds']:.1f} s){star}")
-            if self.task is not None:
-                self.progress.reset(self.task, total=None)
-            self._watch_phase3(row)
-
-    def _watch_phase3(self, row: dict[str, Any]) -> None:
-        """Warn once when the energy gap dE(x) leaves its plateau: phase 3 (robust overfitting)."""
-        from .phases import detect_phases
-
-        self.rows.append(row)
-        if self.phase3 is None:
-            self.phase3 = detect_phases(self.rows).phase3_start
-            if self.phase3 is not None:
-                self._print(f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
-                            "may have begun; --select energy keeps the epoch before it")
-
-
-def _name_flags(message: str, overrides: dict[str, Any]) -> str:
+def _name_flags(message: str, flags: dict[str, str]) -> str:
     """A config error about a key the user set with a flag names the flag: `--epochs (train.epochs): ...`."""
-    for key, value in overrides.items():
-        if value is not None and key in message:
-            flag = "--" + key.split(".", 1)[1].replace("_", "-")
+    for key, flag in flags.items():
+        if key in message:
             message = message.replace(f"config: {key}:", f"{flag} ({key}):").replace(f" {key} ", f" {flag} ({key}) ")
     return message
+
+
+def _flag_of(key: str) -> str:
+    return "--" + key.split(".", 1)[1].replace("_", "-")
+
+
+def _resolve(resolver: Callable[..., Any], overrides: dict[str, Any], flag_names: dict[str, str] | None = None,
+             **kwargs: Any) -> Any:
+    """config.resolve / resolve_command with the flags' values; errors name the flag the user gave."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return resolver(overrides=given, **kwargs)
+    except WeatInputError as e:
+        names = {k: (flag_names or {}).get(k) or _flag_of(k) for k in given}
+        raise WeatInputError(_name_flags(str(e), names)) from None
+
+
+def cfg_option(section: type, field: str, *decls: str, **kwargs: Any) -> Any:
+    """A Typer option whose help text and shown default come from a config model's field: the
+    default itself stays in config.py (the option defaults to None = "not given")."""
+    info = section.model_fields[field]
+    default = info.default
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    text = (info.description or "").rstrip(".")
+    text = text[:1].upper() + text[1:] + "." if text else ""
+    if shown is not None:
+        text += f" [default: {shown}]"
+    return typer.Option(*decls, help=text, show_default=False, **kwargs)
 
 
 @app.command()
@@ -226,10 +182,7 @@ def train(
                 "train.compile": compile_, "train.cuda_graphs": cuda_graphs, "train.tf32": tf32,
                 "train.nan_policy": nan_policy, "train.sync_bn": sync_bn,
             }
-            try:
-                cfg = config_mod.resolve(preset=preset, overrides=overrides, sets=set_)
-            except WeatInputError as e:
-                raise WeatInputError(_name_flags(str(e), overrides)) from None
+            cfg = _resolve(config_mod.resolve, overrides, preset=preset, sets=set_)
         elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out)) or set_:
             err.print("weat: note: --resume continues with the run's stored config; other options are ignored", markup=False)
 
@@ -252,7 +205,7 @@ def train(
 
         previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with (_TrainDisplay() if main_rank else nullcontext()) as display:
+            with (ui.TrainDisplay() if main_rank else nullcontext()) as display:
                 result = fit(cfg, resume=resume, on_event=display, interrupt=interrupt)
         except TrainingInterrupted as e:
             if not main_rank:
@@ -314,66 +267,6 @@ def presets_show(
 # ----------------------------------------------------------------------------- attack
 
 
-class _AttackDisplay(_ProgressDisplay):
-    """rich progress on stderr: one bar per attack stage; warnings and per-attack lines as they come."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stages: dict[str, list[str]] = {}
-
-    def __call__(self, kind: str, p: dict[str, Any]) -> None:
-        if kind == "start":
-            self._print(f"attacking {p['model']} on {p['dataset']} {p['split']} ({p['n']} images, {p['device']}), "
-                        f"{p['norm']} eps {p['eps']:.6g}: {', '.join(p['attacks'])}")
-        elif kind == "resume":
-            self._print(f"resuming from {p['path']}")
-        elif kind == "warning":
-            self._print(f"weat: warning: {p['message']}")
-        elif kind == "attack":
-            self.stages[p["attack"]] = p["stages"]
-        elif kind == "stage":
-            label = p["attack"] if self.stages.get(p["attack"]) == [p["stage"]] else f"{p['attack']}: {p['stage']}"
-            if self.task is None:
-                self.task = self.progress.add_task(label, total=p["total"], completed=p["done"])
-            else:
-                self.progress.reset(self.task, total=p["total"], completed=p["done"], description=label)
-        elif kind == "progress" and self.task is not None:
-            self.progress.update(self.task, completed=p["done"])
-        elif kind == "stage_done" and len(self.stages.get(p["attack"], [])) > 1:
-            self._print(f"{p['attack']}: robust accuracy after {p['stage']} {p['robust_accuracy']:.2%}")
-        elif kind == "done":
-            r = p["result"]
-            extra = f", target success {r.target_success_rate:.2%}" if r.target_success_rate is not None else ""
-            self._print(f"{p['attack']}: robust accuracy {r.robust_accuracy:.2%}{extra} ({r.seconds:.1f} s)")
-
-
-def _attack_table(result: Any) -> Any:
-    from rich.table import Table
-
-    def pm(mean: float, std: float) -> str:
-        return f"{mean:.3f} ± {std:.3f}"
-
-    info = result.info
-    table = Table(title=f"{result.model}: {info.get('dataset', '')} {info.get('split', '')}, n={result.n}, "
-                        f"{result.norm} eps={result.eps:.6g}", title_justify="left")
-    for col in ("attack", "accuracy", "E(x*) mean ± std", "dE(x)", "E(x*,y) mean", "dE(x,y)", "seconds"):
-        table.add_column(col, justify="left" if col == "attack" else "right")
-    e = next(iter(result.attacks.values())).energy
-    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["natural_mean"], e["natural_std"]), "",
-                  f"{e['joint_natural_mean']:.3f}", "", "")
-    for name, r in result.attacks.items():
-        e = r.energy
-        label = name
-        if r.target_success_rate is not None:
-            label += f" (targeted {r.settings['target_class']}, success {r.target_success_rate:.2%})"
-        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["adversarial_mean"], e["adversarial_std"]),
-                      f"{e['delta_mean']:+.3f}", f"{e['joint_adversarial_mean']:.3f}", f"{e['joint_delta_mean']:+.3f}",
-                      f"{r.seconds:.1f}")
-    if len(result.attacks) > 1:
-        table.add_row("worst case", f"{result.worst_case_accuracy:.2%}", "", "", "", "", "")
-    return table
-
-
 @app.command()
 def attack(
     ckpt: Annotated[Optional[Path], typer.Argument(
@@ -416,7 +309,7 @@ def attack(
         eps_value, step_value = _fraction_opt("--eps", eps), _fraction_opt("--step-size", step_size)
         path = _checkpoint_or_newest(ckpt)
         _launch_if_asked(devices, device)
-        with _ranks_done(), (_AttackDisplay() if _main_rank() else nullcontext()) as display:
+        with _ranks_done(), (ui.AttackDisplay() if _main_rank() else nullcontext()) as display:
             result = evaluate_checkpoint(
                 checkpoint=path, attacks=attack_ or ["pgd"], eps=eps_value, norm=norm, steps=steps,
                 step_size=step_value, restarts=restarts, targeted=targeted, target_class=target_class, n=n,
@@ -431,7 +324,7 @@ def attack(
             _emit_json(result.summary())
         else:
             width = None if sys.stdout.isatty() else 160
-            Console(highlight=False, width=width).print(_attack_table(result))
+            Console(highlight=False, width=width).print(ui.attack_table(result))
 
     _guard(body)
 
@@ -531,34 +424,6 @@ def _checkpoint_or_newest(ckpt: Optional[Path]) -> Path:
     return path
 
 
-class _StepDisplay(_ProgressDisplay):
-    """rich progress on stderr for sample / score: one bar per stage; notes as they come."""
-
-    def _bar(self, label: str, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task(label, total=total)
-        else:
-            self.progress.reset(self.task, total=total, completed=0, description=label)
-
-    def __call__(self, kind: str, p: dict[str, Any]) -> None:
-        if kind == "start" and "init" in p:
-            classes = ",".join(map(str, p["classes"]))
-            self._print(f"sampling {p['n']} images of classes {classes} from {p['checkpoint']} ({p['init']} init, "
-                        f"{p['steps']} SGLD steps, {p['device']})")
-            self._bar("SGLD image-steps", p["n"] * p["steps"])
-        elif kind == "start":
-            self._print(f"scoring {p['samples']}: n={p['n']}, reference {p['reference']}, features {p['features']} "
-                        f"({p['device']})")
-        elif kind == "stats":
-            self._print(f"computing class statistics of {p['dataset']} once -> {p['path']}")
-        elif kind == "step" and self.task is not None:
-            self.progress.update(self.task, completed=p["done"])  # image-steps so far
-        elif kind == "stage":
-            self._bar(f"features: {p['name']}", p["total"])
-        elif kind == "progress" and self.task is not None:
-            self.progress.update(self.task, completed=p["done"])
-
-
 @app.command()
 def sample(
     ckpt: Annotated[Optional[Path], typer.Argument(
@@ -607,7 +472,7 @@ def sample(
                 raise WeatInputError(f"--step-size: {e}") from None
         path = _checkpoint_or_newest(ckpt)
         _launch_if_asked(devices, device)
-        with _ranks_done(), (_StepDisplay() if _main_rank() else nullcontext()) as display:
+        with _ranks_done(), (ui.StepDisplay() if _main_rank() else nullcontext()) as display:
             result = sample_checkpoint(
                 checkpoint=path, steps=sgld_steps, n_per_class=n_per_class, n=n, classes=classes, init=init,
                 momentum=momentum, noise=noise, alpha=alpha, pca_variance=pca_variance, pca_sigma=pca_sigma,
@@ -626,22 +491,6 @@ def sample(
             typer.echo(s["files"]["samples"])
 
     _guard(body)
-
-
-def _score_table(result: Any) -> Any:
-    from rich.table import Table
-
-    table = Table(title_justify="left")
-    table.add_column("metric", justify="left")
-    table.add_column("value", justify="right")
-    m = result.metrics
-    if m["fid"] is not None:
-        table.add_row("FID", f"{m['fid']:.3f}")
-    if m["kid"] is not None:
-        table.add_row("KID", f"{m['kid']:.5f}")
-    if m["is_mean"] is not None:
-        table.add_row("IS (mean ± std, 10 splits)", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}")
-    return table
 
 
 @app.command()
@@ -674,7 +523,7 @@ def score(
     def body() -> None:
         from .scoring import score_samples
 
-        with _StepDisplay() as display:
+        with ui.StepDisplay() as display:
             result = score_samples(
                 samples=samples, ref=ref, metrics=metrics, n=n, features=features, inception_weights=inception_weights,
                 download=download, batch_size=batch_size, device=device, data_dir=data_dir, seed=seed,
@@ -687,7 +536,7 @@ def score(
             out = Console(highlight=False, width=width)
             out.print(f"{samples}: n={result.n}" + (f" vs {result.reference}" if result.reference else "")
                       + f"; features: {result.features}", markup=False, soft_wrap=True)
-            out.print(_score_table(result))
+            out.print(ui.score_table(result))
             for note in result.notes:
                 out.print(f"note: {note}", markup=False, soft_wrap=True)
 
@@ -726,25 +575,10 @@ def _lens(ckpt: Optional[Path], attack_: Optional[list[str]], n: Optional[int], 
     if n is not None and n < 1:
         raise WeatInputError(f"--n: {n}; expected an integer >= 1")
     path = _checkpoint_or_newest(ckpt)
-    with _AttackDisplay() as display:
+    with ui.AttackDisplay() as display:
         return energy_lens(checkpoint=path, attacks=attack_ or list(DEFAULT_ATTACKS), n=n,
                            eps=_fraction_opt("--eps", eps), steps=steps, batch_size=batch_size, dataset=dataset,
                            data_dir=data_dir, device=device or "auto", seed=seed, on_event=display)
-
-
-def _stats_table(stats: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"energies of {stats['model']} ({stats['norm']} eps {stats['eps']:.4g}, n={stats['n']})")
-    for col in ("points", "quantity", "mean", "std", "q05", "median", "q95", "robust acc."):
-        table.add_column(col, justify="left" if col in ("points", "quantity") else "right")
-    for points, block in stats["energies"].items():
-        acc = stats["clean_accuracy"] if points == "clean" else stats["robust_accuracy"][points]
-        for i, (quantity, d) in enumerate(block.items()):
-            label = {"energy": "E(x)", "joint": "E(x,y)", "delta_energy": "dE(x)", "delta_joint": "dE(x,y)"}[quantity]
-            table.add_row(points if i == 0 else "", label, f"{d['mean']:.3f}", f"{d['std']:.3f}", f"{d['q05']:.3f}",
-                          f"{d['q50']:.3f}", f"{d['q95']:.3f}", f"{acc:.2%}" if i == 0 else "")
-    return table
 
 
 def _print_table(table: Any) -> None:
@@ -775,7 +609,7 @@ def energy_stats(
         if as_json:
             _emit_json(stats)
         else:
-            _print_table(_stats_table(stats))
+            _print_table(ui.stats_table(stats))
 
     _guard(body)
 
@@ -912,7 +746,7 @@ def energy_trades(
         from . import checkpoint as ckpt_mod
         from . import data as data_mod
         from .lens import trades_decomposition
-        from .train import generator_for, resolve_device
+        from .runtime import Stream, generator_for, resolve_device
 
         eps_opt = _fraction_opt("--eps", eps)
         if eps_opt is not None and not 0 < eps_opt <= 1:
@@ -921,10 +755,7 @@ def energy_trades(
             if value is not None and value < low:
                 raise WeatInputError(f"{flag}: {value}; expected an integer >= {low}")
         path = _checkpoint_or_newest(ckpt)
-        try:
-            dev = resolve_device(device or "auto")
-        except (WeatInputError, RuntimeError):
-            raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
+        dev = resolve_device(device or "auto")
         loaded = ckpt_mod.load(path, device=dev)
         cfg = loaded.config
         ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
@@ -935,7 +766,7 @@ def energy_trades(
         step = cfg.attack.step_size * eps_value / cfg.attack.eps
         result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n_images]), ds.test_y[:n_images], eps=eps_value,
                                       step_size=step, steps=steps, batch_size=batch_size,
-                                      generator=generator_for(dev, seed, 7))
+                                      generator=generator_for(dev, seed, Stream.TRADES_LENS))
         result["model"] = str(path)
         if as_json:
             _emit_json(result)

@@ -17,7 +17,7 @@ from fractions import Fraction as _Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import WeatInputError
 
@@ -78,6 +78,22 @@ def _canonical_method(value: Any) -> Any:
 
 Frac = Annotated[float, BeforeValidator(parse_fraction)]
 Method = Annotated[Literal[METHODS], BeforeValidator(_canonical_method)]  # type: ignore[valid-type]
+
+
+DEVICE_FIELD_HELP = "auto, cpu, cuda or cuda:N"
+# `weat attack` names: our engine's PGD and CW, and the official AutoAttack (standard) or one of its parts.
+EVAL_ATTACKS = ("pgd", "cw", "autoattack", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+SAMPLE_INITS = ("uniform", "informative", "pca", "noise")
+SCORE_METRICS = ("fid", "is", "kid")
+
+
+def _check_device(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+        raise ValueError(f"expected {DEVICE_FIELD_HELP}, got {v!r}")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 class _Section(BaseModel):
@@ -160,7 +176,7 @@ class TrainConfig(_Section):
     mail_slope: float = Field(1.0, gt=0, description="mail-trades: slope of the probabilistic-margin sigmoid")
     mail_burn_in: float = Field(0.6, ge=0, lt=1, description="mail-trades: fraction of epochs of plain TRADES first")
     seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: Device = Field("auto", description=DEVICE_FIELD_HELP)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="training (attack and update) under autocast: bf16, or fp16 with a gradient "
         "scaler; weights, optimizer and BatchNorm stay fp32, per-epoch evaluation always runs in fp32",
@@ -186,13 +202,6 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(500, ge=1)
     out: str | None = Field(None, description="run directory; default runs/<dataset>-<method>-<time>")
 
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
-
     @field_validator("milestones")
     @classmethod
     def _milestones_fractions(cls, v: list[float]) -> list[float]:
@@ -201,12 +210,100 @@ class TrainConfig(_Section):
         return v
 
 
+# ----------------------------------------------------------------------------- command sections
+# Each command other than train reads its own section below (plus data/model/attack from the
+# checkpoint). Defaults live here and only here: the CLI shows them in --help and reads nothing else.
+
+
+class EvaluateConfig(_Section):
+    """`weat attack`: which attacks, how strong, on which images. The threat (eps, norm, step size)
+    is the [attack] section, taken from the checkpoint unless overridden."""
+
+    attacks: list[str] = Field(["pgd"], description="pgd, cw, autoattack (standard: apgd-ce, apgd-t, fab-t, square) "
+                               "or one part: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square; several run on the same images")
+    steps: int = Field(20, ge=0, le=100_000, description="PGD / CW steps")
+    restarts: int = Field(1, ge=1, le=1000, description="PGD / CW random restarts (the worst case per image is kept)")
+    targeted: bool = Field(False, description="targeted PGD / CW (AutoAttack parts pick their own targets)")
+    target_class: str = Field("random", description="target of a targeted attack: a class index, random (a wrong "
+                              "class per image) or least-likely")
+    n: int | None = Field(None, ge=1, description="attack the first N images (default 10000, or the whole split)")
+    split: Literal["test", "train"] = Field("test", description="test or train")
+    batch_size: int = Field(500, ge=1, description="images per batch (AutoAttack too)")
+    seed: int = Field(0, ge=0, description="random seed (PGD starts, random targets, AutoAttack)")
+    device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+
+class LensConfig(_Section):
+    """`weat energy`: the energy lens on a checkpoint's test images."""
+
+    attacks: list[str] = Field(["pgd", "pgd-targeted"], description="attack names as in weat attack, with a "
+                               "'-targeted' suffix for pgd / cw")
+    n: int | None = Field(None, ge=1, description="test images: the first N (default 1000, or the whole split if smaller)")
+    steps: int = Field(20, ge=0, le=100_000, description="PGD / CW steps")
+    trades_steps: int = Field(10, ge=0, le=100_000, description="energy trades: steps of the TRADES KL attack")
+    per_class: bool = Field(False, description="energy stats: also per true class")
+    batch_size: int = Field(500, ge=1, description="images per batch")
+    seed: int = Field(0, ge=0, description="random seed")
+    device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+
+class SampleConfig(_Section):
+    """`weat sample`: SGLD with momentum on the joint energy E(x, y) (docs/science.md#sgld)."""
+
+    steps: int = Field(200, ge=0, le=1_000_000, description="SGLD steps per sample")
+    n_per_class: int | None = Field(None, ge=1, description="samples per class (default 10)")
+    n: int | None = Field(None, ge=1, description="samples in all, split evenly over the classes (instead of n_per_class)")
+    classes: str | None = Field(None, description="wanted classes, e.g. 0,3,7 (default all)")
+    init: Literal[SAMPLE_INITS] = Field(  # type: ignore[valid-type]
+        "informative", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
+        "1e-4 I)), pca (the paper's class-wise PCA) or noise (a training image plus Gaussian noise)")
+    step_size: Frac = Field(0.1, gt=0, description="eta, the SGLD step; fractions allowed")
+    momentum: float = Field(0.0, ge=0, lt=1, description="zeta, the momentum; 0 is plain SGLD (the paper also uses 0.8)")
+    noise: float = Field(0.001, ge=0, description="sigma, the std of the SGLD noise")
+    alpha: float | None = Field(None, ge=0, description="scale of the noise term (default sqrt(2 * eta))")
+    pca_variance: float = Field(0.9, gt=0, le=0.9999, description="pca init: fraction r of each class's variance kept")
+    pca_sigma: float = Field(0.005, ge=0, description="pca init: sigma_pca, scale of the singular values")
+    init_noise: float = Field(0.1, ge=0, description="noise init: std of the noise added to the real image")
+    adaptive: float | None = Field(None, description="stop a sample once its E(x,y) is within this many energy units "
+                                   "of its class's mean E(x,y) on the training data (or below it)")
+    batch_size: int = Field(500, ge=1, description="samples per SGLD batch")
+    seed: int = Field(0, ge=0, description="random seed (starting points and SGLD noise)")
+    device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @model_validator(mode="after")
+    def _one_count(self) -> SampleConfig:
+        if self.n is not None and self.n_per_class is not None:
+            raise ValueError("give n or n_per_class, not both")
+        return self
+
+
+class ScoreConfig(_Section):
+    """`weat score`: FID / KID / IS of samples against a reference set."""
+
+    ref: str | None = Field(None, description="reference set: DATASET[:split] (default: the training split of the "
+                            "samples' dataset), a folder of images or a .safetensors / .npz file")
+    metrics: list[Literal[SCORE_METRICS]] = Field(  # type: ignore[valid-type]
+        ["fid", "is", "kid"], description="any of fid, is, kid")
+    n: int | None = Field(None, ge=1, description="score a fixed random subset of N samples (default all)")
+    features: str = Field("inception", description="inception (clean-fid's Inception-v3, clean mode) or a weat "
+                          "checkpoint: its penultimate features and softmax (not comparable with Inception numbers)")
+    inception_weights: str | None = Field(None, description="local inception-2015-12-05.pt (default "
+                                          "$WEAT_INCEPTION_WEIGHTS); nothing is downloaded then")
+    batch_size: int = Field(100, ge=1, description="images per feature batch")
+    seed: int = Field(0, ge=0, description="seed of the n subset, the IS split shuffle and the KID subsets")
+    device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+
 class RunConfig(_Section):
     description: str = ""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     attack: AttackConfig = AttackConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    lens: LensConfig = LensConfig()
+    sample: SampleConfig = SampleConfig()
+    score: ScoreConfig = ScoreConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -342,6 +439,31 @@ def _deep_merge(base: dict[str, Any], path: list[str], value: Any) -> None:
             raise WeatInputError(f"--set: {'.'.join(path)}: {p!r} is not a section")
         node = child
     node[path[-1]] = value
+
+
+def resolve_command(
+    *,
+    stored: RunConfig | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> RunConfig:
+    """The config of a command other than train: the defaults above <- the checkpoint's stored
+    config (`stored`) <- the sections a preset gives <- flag overrides <- `--set section.key=value`.
+
+    A stored config never allows a download: each command asks for that itself (--download).
+    """
+    data = (stored or RunConfig()).to_dict()
+    data["data"]["download"] = False
+    if preset is not None:
+        path = preset_path(preset)
+        for section, table in read_toml(path).items():
+            if isinstance(table, dict) and isinstance(data.get(section), dict):
+                data[section].update(table)
+            else:
+                data[section] = table  # validation names anything that is not a section
+    base = validate(data, source=str(preset_path(preset)) if preset is not None else "config")
+    return resolve(base=base, overrides=overrides, sets=sets)
 
 
 def resolve(

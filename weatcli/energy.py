@@ -50,3 +50,31 @@ def energy_stats(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Te
         "joint_adversarial": j_adv,
         "delta_joint": j_nat - j_adv,
     }
+
+
+# ----------------------------------------------------------------------------- one summary schema
+
+# The quantities of an energy summary, named as energy_stats names them. Every output that
+# summarises energies uses these names: `weat attack --json` (per attack), `weat energy stats --json`
+# (per set of points), metrics.jsonl (the mean of each, per epoch) and the plots' JSON.
+ENERGY_QUANTITIES = ("energy_natural", "energy_adversarial", "delta_energy", "joint_natural", "joint_adversarial",
+                     "delta_joint")
+NATURAL_QUANTITIES = ("energy_natural", "joint_natural")  # what clean points alone have
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def describe(values: torch.Tensor) -> dict[str, float]:
+    """{mean, std (population), q05, q25, q50, q75, q95, n} of a 1-d sample, in float64."""
+    v = values.detach().double().reshape(-1).cpu()
+    if not len(v):
+        return {"mean": float("nan"), "std": float("nan"), **{f"q{int(p * 100):02d}": float("nan") for p in QUANTILES},
+                "n": 0}
+    q = torch.quantile(v, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return {"mean": float(v.mean()), "std": float(v.std(correction=0)),
+            **{f"q{int(p * 100):02d}": float(x) for p, x in zip(QUANTILES, q)}, "n": int(len(v))}
+
+
+def summarize(per_example: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """The energy summary of a set of points: {quantity: describe(values)} for each quantity of
+    ENERGY_QUANTITIES present in `per_example` (e.g. the output of energy_stats), in schema order."""
+    return {k: describe(per_example[k]) for k in ENERGY_QUANTITIES if k in per_example}

@@ -29,13 +29,12 @@ Protocol and conventions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,8 +43,7 @@ import torch.nn.functional as F
 from . import attacks as attacks_mod
 from .errors import WeatInputError, WeatRunError
 from .fileio import atomic_write_bytes, check_writable
-
-EventFn = Callable[[str, dict[str, Any]], None]
+from .runtime import EventFn, Stream, eval_device, generator_for, ignore_event, name_part, tensor_digest
 
 # Attack name -> the stages it runs, in order. "pgd"/"cw" are our engine's PGD; the rest are
 # parts of AutoAttack ("autoattack" = its standard version).
@@ -63,7 +61,6 @@ STATE_FORMAT = "weat-attack-state/1"
 ADV_FORMAT = "weat-adv/1"
 CHECK_N = 32  # images the sanity checks look at (they are heuristics; a few dozen suffice)
 STATE_EVERY = 60.0  # seconds between state saves (it also saves after every stage and on interrupt)
-_TARGET_STREAM = 1_000_003  # generator stream of random target classes
 
 ENERGY_KEYS = ("natural_mean", "natural_std", "adversarial_mean", "adversarial_std", "delta_mean",
                "joint_natural_mean", "joint_adversarial_mean", "joint_delta_mean")
@@ -202,15 +199,6 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: to
 
 
 # ----------------------------------------------------------------------------- state
-
-
-def _digest(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 class _State:
@@ -357,7 +345,7 @@ def evaluate_model(
     stages}, "stage" {attack, stage, done, total}, "progress" {attack, stage, done, total},
     "stage_done" {attack, stage, robust_accuracy}, "done" {attack, result}.
     """
-    emit = on_event or (lambda kind, payload: None)
+    emit = on_event or ignore_event
     names = check_attack_names(attacks)
     if x.ndim != 4 or y.shape != (x.shape[0],):
         raise ValueError(f"expected x (n, C, H, W) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -376,7 +364,7 @@ def evaluate_model(
     state = _State(Path(state_path) if state_path is not None else None, {})
     if state.path is not None:
         state.fingerprint = {
-            "model": _digest(sorted(model.state_dict().items())), "images": _digest([("x", x), ("y", y)]),
+            "model": tensor_digest(sorted(model.state_dict().items())), "images": tensor_digest([("x", x), ("y", y)]),
             "attacks": names, "save_adv": keep_adversarial, **settings,
         }
         if state.load():
@@ -406,9 +394,8 @@ def evaluate_model(
         e_nat, j_nat = energy(logits_nat), joint_energy(logits_nat, y)
         targets = None
         if targeted:
-            from .train import generator_for
-
-            targets = attacks_mod.choose_targets(y, logits_nat, target, generator=generator_for(device, seed, _TARGET_STREAM))
+            targets = attacks_mod.choose_targets(y, logits_nat, target,
+                                                 generator=generator_for(device, seed, Stream.ATTACK_TARGETS))
 
         results: dict[str, AttackResult] = {}
         try:
@@ -462,13 +449,11 @@ def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, target
                 state: _State, emit: EventFn, warnings: list[str], index_offset: int = 0) -> AttackResult:
     """One attack, stage by stage and batch by batch, resuming from `state`."""
     from .energy import energy, joint_energy
-    from .train import generator_for
 
     device = y.device
     stages = ATTACKS[name]
     bs, eps, norm = settings["batch_size"], settings["eps"], settings["norm"]
     targeted = settings["targeted"] and name in TARGETED_ATTACKS
-    code = list(ATTACKS).index(name) + 1  # generator stream of this attack
 
     key = f"{name}/"
     prog = state.progress.setdefault(name, {"stage": 0, "pos": 0, "seconds": 0.0, "stages": {}})
@@ -505,7 +490,7 @@ def _run_attack(name: str, *, model, images, y, n, correct, e_nat, j_nat, target
                 i, j = prog["pos"], min(prog["pos"] + bs, n)
                 xb, yb = images(i, j), y[i:j]
                 goal = targets[i:j] if targeted else yb
-                g = generator_for(device, settings["seed"], code, index_offset + i)
+                g = generator_for(device, settings["seed"], Stream.ATTACK, name_part(name), index_offset + i)
                 xa = attacks_mod.pgd_restarts(
                     model, xb, goal, restarts=settings["restarts"], targeted=targeted, generator=g, eps=eps,
                     step_size=settings["step_size"], steps=settings["steps"], norm=norm, objective=_OBJECTIVE[stage],
@@ -593,19 +578,6 @@ def newest_checkpoint(root: Path | str = "runs") -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def _device(name: str) -> torch.device:
-    from .train import configure_backends, resolve_device
-
-    try:
-        device = resolve_device(name)
-        configure_backends(device, tf32=False)  # robust accuracy is reported in IEEE fp32
-        return device
-    except WeatInputError as e:
-        raise WeatInputError(str(e).replace("train.device", "--device", 1)) from None
-    except RuntimeError:
-        raise WeatInputError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-
-
 def evaluate_checkpoint(
     *,
     checkpoint: Path | str,
@@ -639,7 +611,7 @@ def evaluate_checkpoint(
     from . import checkpoint as ckpt_mod
     from . import data as data_mod
 
-    emit = on_event or (lambda kind, payload: None)
+    emit = on_event or ignore_event
     names = check_attack_names(attacks)
     if split not in ("test", "train"):
         raise WeatInputError(f"--split: unknown {split!r}; expected test or train")
@@ -651,7 +623,7 @@ def evaluate_checkpoint(
     from . import distributed as dist_mod
 
     ctx, device = dist_mod.init(device)  # under torchrun: this rank's device, and its shard of the images
-    dev = _device(device)
+    dev = eval_device(device)
     ck = ckpt_mod.load(checkpoint, device=dev)
     threat = ck.config.attack
     norm = (norm or threat.norm).strip().lower()
@@ -694,7 +666,7 @@ def evaluate_checkpoint(
     x, y = xs[:n][part].to(dev), ys[:n][part].to(dev)  # uint8 on the device; batches become float there
     if ctx.enabled:
         if not ctx.main:
-            emit = _silent
+            emit = ignore_event
         if state_path is not None:  # one state file per rank: each resumes its own shard
             state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{ctx.rank}-of-{ctx.world}")
     start = {"model": str(checkpoint), "dataset": name, "split": split, "n": n, "device": str(dev),
@@ -726,10 +698,6 @@ def evaluate_checkpoint(
         save_adversarial(Path(save_adv), result)
         result.info["save_adv"] = str(save_adv)
     return result
-
-
-def _silent(kind: str, payload: dict[str, Any]) -> None:
-    pass
 
 
 def merge_evaluations(parts: list[Evaluation]) -> Evaluation:

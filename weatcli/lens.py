@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from .attacks import attack_mode, pgd
 from .errors import WeatInputError
+from .runtime import EventFn
 
 # `weat energy` attack names: every `weat attack` name, plus "<name>-targeted" for the attacks
 # that take a target (random wrong class per example, seeded).
 DEFAULT_ATTACKS = ("pgd", "pgd-targeted")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-EventFn = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass

@@ -17,7 +17,6 @@ and cached as safetensors under `cache_dir()/stats`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,8 +31,8 @@ import torch.nn as nn
 from .energy import joint_energy
 from .errors import WeatInputError
 from .fileio import check_writable, file_digest
+from .runtime import EventFn, Stream, eval_device, generator_for, ignore_event, tensor_digest
 
-EventFn = Callable[[str, dict[str, Any]], None]
 
 INITS = ("uniform", "informative", "pca", "noise")
 INFORMATIVE_JITTER = 1e-4  # Sigma_c + 1e-4 I: keeps the Gaussian proper where a class has no variance
@@ -160,15 +159,6 @@ class ClassStats:
                           self.components.to(device), self.rank.to(device), self.shape)
 
 
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def compute_class_stats(x_u8: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassStats:
     """Means and truncated SVDs (SVD_KEEP of each class's variance) of (N, C, H, W) images,
     uint8 or float in [0, 1]."""
@@ -211,8 +201,8 @@ def class_stats(x_u8: torch.Tensor, y: torch.Tensor, num_classes: int, *, name: 
     """compute_class_stats, cached in cache_dir()/stats/<name>-<hash>.safetensors (by content)."""
     from . import checkpoint as ckpt_mod
 
-    emit = on_event or (lambda kind, payload: None)
-    key = _digest(x_u8, y)[:16]
+    emit = on_event or ignore_event
+    key = tensor_digest([("x", x_u8), ("y", y)])[:16]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.split(":", 1)[0])[:40] or "dataset"
     path = cache_dir() / "stats" / f"{safe}-{key}.safetensors"
     if path.is_file():
@@ -440,10 +430,6 @@ def save_samples(path: Path, result: SampleResult) -> None:
     ckpt_mod.save(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
 
 
-def _silent(kind: str, payload: dict[str, Any]) -> None:
-    pass
-
-
 def sample_checkpoint(
     *,
     checkpoint: Path | str,
@@ -480,9 +466,8 @@ def sample_checkpoint(
     from . import data as data_mod
     from .attacks import attack_mode, folded_eval_model
     from .plots import sample_grid
-    from .train import configure_backends, generator_for, resolve_device
 
-    emit = on_event or (lambda kind, payload: None)
+    emit = on_event or ignore_event
     init = init.strip().lower() if isinstance(init, str) else init
     _check_settings(init=init, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
                     pca_variance=pca_variance, pca_sigma=pca_sigma, init_noise_std=init_noise_std, adaptive=adaptive,
@@ -498,12 +483,8 @@ def sample_checkpoint(
 
     ctx, device = dist_mod.init(device)  # under torchrun each rank runs its share of the batches
     if not ctx.main:
-        emit = _silent
-    try:
-        dev = resolve_device(device)
-    except (WeatInputError, RuntimeError):
-        raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
-    configure_backends(dev, tf32=False)
+        emit = ignore_event
+    dev = eval_device(device)
     ck = ckpt_mod.load(checkpoint, device=dev)
     k_classes = ck.num_classes
     wanted = parse_classes(classes, k_classes)
@@ -527,7 +508,8 @@ def sample_checkpoint(
         stats = class_stats(ds.train_x, ds.train_y, max(k_classes, ds.num_classes), name=dataset, on_event=emit).to(dev)
     stop = None
     if adaptive is not None:
-        key = f"{file_digest(checkpoint)[:16]}-{_digest(ds.train_x, ds.train_y)[:16]}"
+        data_key = tensor_digest([("x", ds.train_x), ("y", ds.train_y)])
+        key = f"{file_digest(checkpoint)[:16]}-{data_key[:16]}"
         stop = class_energy_means(ck.model, ds.train_x, ds.train_y, k_classes, batch_size=batch_size, key=key).to(dev)
         bad = [c for c in wanted if not math.isfinite(float(stop[c]))]
         if bad:
@@ -543,7 +525,7 @@ def sample_checkpoint(
     total = len(labels)
     emit("start", {"checkpoint": str(checkpoint), "n": total, "classes": wanted, "init": init, "steps": steps,
                    "device": str(dev)})
-    g_init = generator_for(dev, seed, 0)
+    g_init = generator_for(dev, seed, Stream.SAMPLE_INIT)
     outs_x, outs_e0, outs_taken = [], [], []
     t0 = time.perf_counter()
     batches = math.ceil(total / batch_size)
@@ -572,7 +554,7 @@ def sample_checkpoint(
 
             res = sgld(model, x0, yb, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
                        stop_energy=None if stop is None else stop[yb], threshold=adaptive,
-                       generator=generator_for(dev, seed, 1, b), on_step=on_step)
+                       generator=generator_for(dev, seed, Stream.SGLD_NOISE, b), on_step=on_step)
             outs_x.append((res.x * 255.0).round_().to(torch.uint8))
             outs_e0.append(res.energy_initial)
             outs_taken.append(res.steps_taken)

@@ -35,9 +35,9 @@ import torch
 
 from .errors import WeatInputError, WeatRunError
 from .fileio import file_digest
+from .runtime import EventFn, eval_device, ignore_event, tensor_digest
 from .sampling import cache_dir
 
-EventFn = Callable[[str, dict[str, Any]], None]
 
 METRICS = ("fid", "is", "kid")
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -358,17 +358,12 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, *, seed: int = 0) -> float:
 # ----------------------------------------------------------------------------- reference cache
 
 
-def _images_digest(x: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{tuple(x.shape)}".encode())
-    h.update(x.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def reference_stats(net: FeatureNet, ref: ImageSet, *, batch_size: int, on_event: EventFn) -> tuple[dict[str, np.ndarray], bool]:
     """{"mu", "sigma", "features"} of the reference under `net`; cached. -> (stats, from_cache)"""
     from . import checkpoint as ckpt_mod
 
-    key = hashlib.sha256(f"{REF_FORMAT}|{net.identity}|{_images_digest(ref.images)}".encode()).hexdigest()[:24]
+    images = tensor_digest([("images", ref.images)])
+    key = hashlib.sha256(f"{REF_FORMAT}|{net.identity}|{images}".encode()).hexdigest()[:24]
     path = cache_dir() / "stats" / f"ref-{key}.safetensors"
     if path.is_file():
         try:
@@ -446,16 +441,11 @@ def score_samples(
     The reference defaults to the training split of the samples' dataset (named in a `weat sample`
     file), else of the --features checkpoint's dataset. `n` scores a fixed random subset (seed).
     """
-    from .train import resolve_device
-
-    emit = on_event or (lambda kind, payload: None)
+    emit = on_event or ignore_event
     names = parse_metrics(metrics)
     if batch_size < 1:
         raise WeatInputError(f"--batch-size: {batch_size}; expected an integer >= 1")
-    try:
-        dev = resolve_device(device)
-    except (WeatInputError, RuntimeError):
-        raise WeatInputError(f"--device: {device!r}; expected auto, cpu, cuda or cuda:N (with a CUDA device)") from None
+    dev = eval_device(device)
     t0 = time.perf_counter()
     sample_set = read_images(samples)
     x = sample_set.images

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,8 +33,8 @@ from .fileio import atomic_write_text, remove_stale_temps
 from .losses import LOSSES, method_attack
 from .models import ARCHS, build, keep_ends_in_fp32
 from .phases import energy_select_epoch
+from .runtime import EventFn, Stream, configure_backends, generator_for, ignore_event, resolve_device
 
-EventFn = Callable[[str, dict[str, Any]], None]
 SYNC_EVERY = 10  # batches between host syncs (progress display and the non-finite-loss check)
 LOCK_NAME = ".lock"
 # --select energy: phase 3 is confirmed some epochs after it starts (phases.py: smoothing window,
@@ -81,29 +81,6 @@ class FitResult:
 # ----------------------------------------------------------------------------- helpers
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WeatInputError(f"train.device: {name!r} requested but no CUDA device is available; use --device cpu")
-    return device
-
-
-def _seed(seed: int, *parts: int) -> int:
-    """Deterministic 63-bit seed for a (seed, epoch, purpose) tuple."""
-    h = seed & 0xFFFFFFFF
-    for p in parts:
-        h = (h * 6364136223846793005 + p + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
-    return h
-
-
-def generator_for(device: torch.device, seed: int, *parts: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(_seed(seed, *parts))
-    return g
-
-
 def lr_at(step: int, total: int, cfg: RunConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`, stepped per batch.
 
@@ -137,14 +114,6 @@ def _autocast(device: torch.device, precision: str):
     BatchNorm statistics stay fp32 (autocast casts per op); evaluation never runs under it."""
     dtype = _AUTOCAST_DTYPES.get(precision, torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision in _AUTOCAST_DTYPES)
-
-
-def configure_backends(device: torch.device, tf32: bool) -> None:
-    """cuDNN autotuning for the fixed shapes; TF32 only when asked (fp32 stays IEEE fp32)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:
@@ -277,7 +246,7 @@ def fit(
     (cfg may then be None).
     on_event(kind, payload): "start", "batch" (every SYNC_EVERY batches), "epoch" (metrics row).
     """
-    emit = on_event or (lambda kind, payload: None)
+    emit = on_event or ignore_event
     interrupt = interrupt or Interrupt()
     state: dict[str, Any] = {}
     resumed = None
@@ -302,7 +271,7 @@ def fit(
     ctx, device_name = dist_mod.init(t.device)  # a single process unless started by torchrun
     completed = False
     try:
-        device = resolve_device(device_name)
+        device = resolve_device(device_name, "train.device")
         if t.batch_size % ctx.world:
             raise WeatInputError(f"train.batch_size: {t.batch_size} is the global batch; expected a multiple of "
                                  f"the {ctx.world} ranks")
@@ -311,7 +280,7 @@ def fit(
             run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
         lock = _RunLock(run_dir) if ctx.main else nullcontext()
         with lock, engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
-            result = _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else _quiet,
+            result = _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else ignore_event,
                                  interrupt, ctx)
         completed = True
         return result
@@ -321,10 +290,6 @@ def fit(
     finally:
         if ctx.enabled:
             dist_mod.shutdown(completed=completed)
-
-
-def _quiet(kind: str, payload: dict[str, Any]) -> None:
-    pass
 
 
 def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt, ctx) -> FitResult:
@@ -461,7 +426,7 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
         train_seconds = time.perf_counter() - e0
 
         sums = dist_mod.all_reduce_sums(sums)  # the epoch's totals over every rank
-        eval_gen = generator_for(device, t.seed, 1_000_003)  # the same attack starts every epoch
+        eval_gen = generator_for(device, t.seed, Stream.EVAL_ATTACK)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * batches - 1, total_steps, cfg)}
         if "n" not in sums:
             raise WeatRunError(f"every batch of epoch {epoch + 1} had a non-finite loss (--nan-policy skip-batch); "

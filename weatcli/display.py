@@ -1,0 +1,207 @@
+"""What the CLI shows while engines work and after: progress displays fed by engine events
+(`runtime.EventFn`) on stderr, and the rich tables of results. Only cli.py uses this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    parts = [f"loss {row['train_loss']:.4f}", f"clean {row['clean_accuracy']:.3f}", f"robust {row['robust_accuracy']:.3f}"]
+    parts += [f"E(x) {row['energy_natural']:.2f}", f"E(x*) {row['energy_adversarial']:.2f}", f"dE(x) {row['delta_energy']:+.3f}"]
+    return "  ".join(parts)
+
+
+class ProgressDisplay:
+    """A transient rich progress bar on stderr with one reusable task; lines printed above it."""
+
+    def __init__(self, *extra_columns: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
+                                 TimeElapsedColumn(), console=err, transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.live = err.is_terminal  # in a log file the bar is noise (and its last refresh a blank line)
+        if self.live:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.progress.__exit__(*exc)
+
+    def _print(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, soft_wrap=True)
+
+
+class TrainDisplay(ProgressDisplay):
+    """rich progress on stderr: one bar per epoch, one summary line per finished epoch."""
+
+    def __init__(self) -> None:
+        from rich.progress import TextColumn
+
+        super().__init__(TextColumn("{task.fields[info]}"))
+        self.epochs = 0
+        self.rows: list[dict[str, Any]] = []
+        self.phase3: int | None = None
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start":
+            self.epochs = p["epochs"]
+            self.rows = list(p.get("history", []))  # a resumed run's earlier epochs
+            verb = "resuming" if p["start_epoch"] else "training"
+            self._print(f"{verb} {p['method']} on {p['dataset']} ({p['device']}) -> {p['run_dir']}")
+        elif kind == "batch":
+            if self.task is None:
+                self.task = self.progress.add_task("", total=p["batches"], info="")
+            self.progress.update(self.task, completed=p["batch"], total=p["batches"],
+                                 description=f"epoch {p['epoch']}/{self.epochs}", info=f"loss {p['loss']:.4f}")
+        elif kind == "epoch":
+            row = p["row"]
+            star = " *" if p["best_epoch"] == row["epoch"] else ""
+            self._print(f"epoch {row['epoch']:>3}/{p['epochs']}  {_row_text(row)}  ({row['seconds']:.1f} s){star}")
+            if self.task is not None:
+                self.progress.reset(self.task, total=None)
+            self._watch_phase3(row)
+
+    def _watch_phase3(self, row: dict[str, Any]) -> None:
+        """Warn once when the energy gap dE(x) leaves its plateau: phase 3 (robust overfitting)."""
+        from .phases import detect_phases
+
+        self.rows.append(row)
+        if self.phase3 is None:
+            self.phase3 = detect_phases(self.rows).phase3_start
+            if self.phase3 is not None:
+                self._print(f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
+                            "may have begun; --select energy keeps the epoch before it")
+
+
+
+class AttackDisplay(ProgressDisplay):
+    """rich progress on stderr: one bar per attack stage; warnings and per-attack lines as they come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages: dict[str, list[str]] = {}
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start":
+            self._print(f"attacking {p['model']} on {p['dataset']} {p['split']} ({p['n']} images, {p['device']}), "
+                        f"{p['norm']} eps {p['eps']:.6g}: {', '.join(p['attacks'])}")
+        elif kind == "resume":
+            self._print(f"resuming from {p['path']}")
+        elif kind == "warning":
+            self._print(f"weat: warning: {p['message']}")
+        elif kind == "attack":
+            self.stages[p["attack"]] = p["stages"]
+        elif kind == "stage":
+            label = p["attack"] if self.stages.get(p["attack"]) == [p["stage"]] else f"{p['attack']}: {p['stage']}"
+            if self.task is None:
+                self.task = self.progress.add_task(label, total=p["total"], completed=p["done"])
+            else:
+                self.progress.reset(self.task, total=p["total"], completed=p["done"], description=label)
+        elif kind == "progress" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])
+        elif kind == "stage_done" and len(self.stages.get(p["attack"], [])) > 1:
+            self._print(f"{p['attack']}: robust accuracy after {p['stage']} {p['robust_accuracy']:.2%}")
+        elif kind == "done":
+            r = p["result"]
+            extra = f", target success {r.target_success_rate:.2%}" if r.target_success_rate is not None else ""
+            self._print(f"{p['attack']}: robust accuracy {r.robust_accuracy:.2%}{extra} ({r.seconds:.1f} s)")
+
+
+
+class StepDisplay(ProgressDisplay):
+    """rich progress on stderr for sample / score: one bar per stage; notes as they come."""
+
+    def _bar(self, label: str, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(label, total=total)
+        else:
+            self.progress.reset(self.task, total=total, completed=0, description=label)
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start" and "init" in p:
+            classes = ",".join(map(str, p["classes"]))
+            self._print(f"sampling {p['n']} images of classes {classes} from {p['checkpoint']} ({p['init']} init, "
+                        f"{p['steps']} SGLD steps, {p['device']})")
+            self._bar("SGLD image-steps", p["n"] * p["steps"])
+        elif kind == "start":
+            self._print(f"scoring {p['samples']}: n={p['n']}, reference {p['reference']}, features {p['features']} "
+                        f"({p['device']})")
+        elif kind == "stats":
+            self._print(f"computing class statistics of {p['dataset']} once -> {p['path']}")
+        elif kind == "step" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])  # image-steps so far
+        elif kind == "stage":
+            self._bar(f"features: {p['name']}", p["total"])
+        elif kind == "progress" and self.task is not None:
+            self.progress.update(self.task, completed=p["done"])
+
+
+
+def attack_table(result: Any) -> Any:
+    from rich.table import Table
+
+    def pm(mean: float, std: float) -> str:
+        return f"{mean:.3f} ± {std:.3f}"
+
+    info = result.info
+    table = Table(title=f"{result.model}: {info.get('dataset', '')} {info.get('split', '')}, n={result.n}, "
+                        f"{result.norm} eps={result.eps:.6g}", title_justify="left")
+    for col in ("attack", "accuracy", "E(x*) mean ± std", "dE(x)", "E(x*,y) mean", "dE(x,y)", "seconds"):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    e = next(iter(result.attacks.values())).energy
+    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["natural_mean"], e["natural_std"]), "",
+                  f"{e['joint_natural_mean']:.3f}", "", "")
+    for name, r in result.attacks.items():
+        e = r.energy
+        label = name
+        if r.target_success_rate is not None:
+            label += f" (targeted {r.settings['target_class']}, success {r.target_success_rate:.2%})"
+        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["adversarial_mean"], e["adversarial_std"]),
+                      f"{e['delta_mean']:+.3f}", f"{e['joint_adversarial_mean']:.3f}", f"{e['joint_delta_mean']:+.3f}",
+                      f"{r.seconds:.1f}")
+    if len(result.attacks) > 1:
+        table.add_row("worst case", f"{result.worst_case_accuracy:.2%}", "", "", "", "", "")
+    return table
+
+
+
+def score_table(result: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    table.add_column("metric", justify="left")
+    table.add_column("value", justify="right")
+    m = result.metrics
+    if m["fid"] is not None:
+        table.add_row("FID", f"{m['fid']:.3f}")
+    if m["kid"] is not None:
+        table.add_row("KID", f"{m['kid']:.5f}")
+    if m["is_mean"] is not None:
+        table.add_row("IS (mean ± std, 10 splits)", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}")
+    return table
+
+
+
+def stats_table(stats: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"energies of {stats['model']} ({stats['norm']} eps {stats['eps']:.4g}, n={stats['n']})")
+    for col in ("points", "quantity", "mean", "std", "q05", "median", "q95", "robust acc."):
+        table.add_column(col, justify="left" if col in ("points", "quantity") else "right")
+    for points, block in stats["energies"].items():
+        acc = stats["clean_accuracy"] if points == "clean" else stats["robust_accuracy"][points]
+        for i, (quantity, d) in enumerate(block.items()):
+            label = {"energy": "E(x)", "joint": "E(x,y)", "delta_energy": "dE(x)", "delta_joint": "dE(x,y)"}[quantity]
+            table.add_row(points if i == 0 else "", label, f"{d['mean']:.3f}", f"{d['std']:.3f}", f"{d['q05']:.3f}",
+                          f"{d['q50']:.3f}", f"{d['q95']:.3f}", f"{acc:.2%}" if i == 0 else "")
+    return table
