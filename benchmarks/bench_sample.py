@@ -1,6 +1,6 @@
 """SGLD sampling: weat's engine vs a straightforward reference loop of the same update.
 
-Both run SGLD with momentum on E(x, y) = -f(x)_y (PAPER.md section 5) for the same model, batch,
+Both run SGLD with momentum on E(x, y) = -f(x)_y (docs/science.md#sgld) for the same model, batch,
 starting points and noise, in this process, on the same device:
 - reference: the loop as research samplers write it: the model's weights keep requires_grad, so
   every step's backward also computes (and accumulates) weight gradients, zeroed each step; the

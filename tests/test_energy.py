@@ -39,7 +39,7 @@ def test_weat_weights_formula_range_and_no_grad():
 
 
 def test_trades_kl_decomposes_into_energies():
-    """PAPER.md 2.3: KL(p(.|x) || p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*))."""
+    """docs/science.md#trades-decomposition: KL(p(.|x) || p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*))."""
     g = torch.Generator().manual_seed(0)
     nat, adv = torch.randn(64, 10, generator=g) * 3, torch.randn(64, 10, generator=g) * 3
     p = F.softmax(nat, 1)

@@ -1,4 +1,4 @@
-"""Each training objective against its formula (PAPER.md section 3), computed by hand on fixed logits.
+"""Each training objective against its formula (docs/science.md#training-methods), computed by hand on fixed logits.
 
 The attack is replaced by a fixed x*, and the model is linear in its input, so the natural and
 adversarial logits are known exactly and the loss can be written out independently.

@@ -1,4 +1,4 @@
-"""SGLD sampling: the update of PAPER.md section 5 step by step, the four initialisations on
+"""SGLD sampling: the update of docs/science.md#sgld step by step, the four initialisations on
 synthetic classes with known statistics, adaptive stopping, and `sample_checkpoint` end to end on a
 small robust digits model trained once per session (shared with test_scoring / test_cli_sample).
 """

@@ -2,7 +2,7 @@
 target selection for targeted attacks, and an adapter to the official AutoAttack package.
 
 Every attack takes float NCHW images in [0,1] and guarantees |x_adv - x| <= eps and
-0 <= x_adv <= 1. Engine rules (DESIGN.md): gradients are taken w.r.t. the input only with the
+0 <= x_adv <= 1. Engine rules (docs/design.md#engine-rules): gradients are taken w.r.t. the input only with the
 parameters frozen, clean outputs are computed once by the caller (`p_nat`), Linf projection bounds
 are precomputed so a step is one add and one clamp, shapes stay fixed, and nothing in the loop
 syncs with the host.

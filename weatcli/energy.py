@@ -1,4 +1,4 @@
-"""A classifier as an energy-based model: pure tensor maths on logits (PAPER.md section 1).
+"""A classifier as an energy-based model: pure tensor maths on logits (docs/science.md#energies).
 
     E(x)   = -logsumexp_k f(x)_k      marginal energy (low = in distribution for the model)
     E(x,y) = -f(x)_y                  joint energy

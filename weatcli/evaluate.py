@@ -1,4 +1,4 @@
-"""Robust accuracy under attack, with the energies of the adversarial points (PAPER.md 1-2).
+"""Robust accuracy under attack, with the energies of the adversarial points (docs/science.md#evaluation-protocol).
 
 `evaluate_model` attacks one set of images with any mix of our PGD (CE objective), CW (PGD on
 the margin loss) and AutoAttack or its parts (the official package, see attacks.autoattack), and

@@ -1,4 +1,4 @@
-"""The energy lens (PAPER.md section 2): distributions of E(x), E(x,y) and their deltas for clean
+"""The energy lens (docs/science.md#findings): distributions of E(x), E(x,y) and their deltas for clean
 images and adversarial points, per model, and the TRADES decomposition of the KL in energies.
 
 Engine functions only: they compute and return; cli.py renders and plots.py draws.
@@ -147,7 +147,7 @@ def lens_stats(lens: EnergyLens, *, per_class: bool = False) -> dict[str, Any]:
 @torch.no_grad()
 def trades_decomposition(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
                          steps: int = 10, batch_size: int = 500, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """PAPER.md 2.3 on real adversarial points x* (TRADES' KL attack from x + 0.001 N(0,1)):
+    """docs/science.md#trades-decomposition on real adversarial points x* (TRADES' KL attack from x + 0.001 N(0,1)):
 
         KL(p(.|x) || p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*))
 

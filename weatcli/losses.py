@@ -1,4 +1,4 @@
-"""Training objectives (PAPER.md section 3): `(model, x, y, cfg, *, generator, progress) -> (loss, stats)`.
+"""Training objectives (docs/science.md#training-methods): `(model, x, y, cfg, *, generator, progress) -> (loss, stats)`.
 
 x is a float batch in [0,1], y its labels; the model is in train mode on entry and on return.
 Each adversarial method first runs its own training attack (`method_attack`) in eval mode with

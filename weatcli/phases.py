@@ -1,4 +1,4 @@
-"""The three phases of adversarial training, read from a run's metrics.jsonl (PAPER.md 2.2).
+"""The three phases of adversarial training, read from a run's metrics.jsonl (docs/science.md#phase-detector).
 
 (1) robust error drops fast while the mean energy gap dE(x) = E(x) - E(x*) leaves 0;
 (2) a long plateau; (3) robust overfitting: dE(x) of PGD-AT moves away from its plateau

@@ -133,7 +133,7 @@ def energy_histograms(
     title: str = "",
     bins: int = 60,
 ) -> dict:
-    """Overlaid density histograms of E(x) (left) and E(x, y) (right), one per series (PAPER.md 2.1).
+    """Overlaid density histograms of E(x) (left) and E(x, y) (right), one per series (docs/science.md#attacks-and-energy).
 
     series: {name: {"energy": E(x) per example, "joint": E(x, y) per example}}, e.g. clean, pgd,
         pgd-targeted; a series may lack "joint". Both arrays of a series describe the same examples.
@@ -220,7 +220,7 @@ def training_dynamics(
     title: str = "",
 ) -> dict:
     """Per-epoch PGD robust error (test, left axis, solid) and mean ΔE(x) (train, right axis,
-    dashed) of one or more runs, one colour per run (PAPER.md 2.2).
+    dashed) of one or more runs, one colour per run (docs/science.md#three-phases).
 
     runs: {label: metrics rows} as in metrics.jsonl (see phases.read_metrics).
     phases: {label: Phases (or its dict)}: phase boundaries drawn as dotted lines in the run's
@@ -311,7 +311,7 @@ def compare_violins(
     order: list[str] | None = None,
     title: str = "",
 ) -> dict:
-    """Per-example ΔE(x) (left) and ΔE(x, y) (right) as one violin per model (PAPER.md 2.4).
+    """Per-example ΔE(x) (left) and ΔE(x, y) (right) as one violin per model (docs/science.md#smoothing).
 
     models: {label: {"delta_energy": per-example ΔE(x), "delta_joint": per-example ΔE(x, y),
         "robust_accuracy": fraction in [0, 1] (optional)}}.

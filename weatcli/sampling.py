@@ -1,4 +1,4 @@
-"""Generation from a robust classifier: SGLD with momentum on the joint energy (PAPER.md section 5).
+"""Generation from a robust classifier: SGLD with momentum on the joint energy (docs/science.md#sgld).
 
     v_0 = 0;  v_{n+1} = zeta * v_n - (eta / 2) * grad_x E(x_n, y)
     x_{n+1} = clip_[0,1](x_n + v_{n+1} + alpha * noise),  noise ~ N(0, sigma^2)
@@ -9,7 +9,7 @@ N(mu_c, Sigma_c + 1e-4 I); the paper's class-wise PCA; a real training image plu
 Optional energy-adaptive stopping freezes a sample once E(x, y) has come within a threshold of the
 class-mean E(x, y) of the training data.
 
-Engine rules (DESIGN.md): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
+Engine rules (docs/design.md#engine-rules): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
 garbage collection or cache emptying inside the step loop; randomness from explicit generators.
 Class statistics (means and per-class SVDs of the training images) are computed once per dataset
 and cached as safetensors under `cache_dir()/stats`.

@@ -1,4 +1,4 @@
-"""Quality of generated images: FID, KID and Inception Score (PAPER.md section 5, "Quality").
+"""Quality of generated images: FID, KID and Inception Score (docs/science.md#sample-quality).
 
 FID and KID are clean-fid's (Parmar et al. 2022, "clean" mode): images are resized to 299x299
 with clean-fid's own PIL bicubic resizer, fed to the TorchScript Inception-v3 that clean-fid uses
