@@ -114,6 +114,16 @@ def _pickle_to(obj: object) -> Callable[[Path], None]:
     return write
 
 
+class _OpensAFile:
+    """A pickle payload: unpickling it would create `marker` (open(marker, "w"))."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
 def _svhn_missing_y(d: Path) -> str:
     import scipy.io
 
@@ -293,6 +303,10 @@ CASES = [
           lambda d, c: (["train", "--dataset", "cifar10", "--out", str(d / "run"), "--data-dir", _cifar_with(
               d, _pickle_to({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}))],
               ["data_batch_2", "(N, 3072)"])),
+    _case("train-cifar-pickle-that-would-run-code",  # the marker it would create is caught as a file left behind
+          lambda d, c: (["train", "--dataset", "cifar10", "--out", str(d / "run"), "--data-dir", _cifar_with(
+              d, _pickle_to({b"data": _OpensAFile(d / "pwned"), b"labels": [0, 1, 2, 3]}))],
+              ["data_batch_2", "refers to io.open", "never runs code"])),
     _case("train-svhn-mat-missing-keys",
           lambda d, c: (["train", "--dataset", "svhn", "--data-dir", _svhn_missing_y(d), "--out", str(d / "run")],
                         ["train_32x32.mat", "'y'"])),

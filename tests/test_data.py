@@ -5,7 +5,11 @@ No test touches the network: download paths are exercised with torchvision's cla
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import shlex
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 import scipy.io
 import torch
 
+from conftest import run_cli
 from weatcli import data
 from weatcli.errors import WeatInputError
 
@@ -120,6 +125,132 @@ def test_cifar_missing_key_and_wrong_size(tmp_path):
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}))
     with pytest.raises(WeatInputError, match=r"test_batch.*\[0, 10\)"):
         data.load("cifar10", tmp_path)
+
+
+def _py2_int(v: int) -> bytes:  # BININT1 / BININT2 / BININT
+    if 0 <= v < 256:
+        return b"K" + bytes([v])
+    return b"M" + struct.pack("<H", v) if 0 <= v < 65536 else b"J" + struct.pack("<i", v)
+
+
+def _py2_str(s: bytes) -> bytes:  # a Python 2 str: SHORT_BINSTRING / BINSTRING
+    return b"U" + bytes([len(s)]) + s if len(s) < 256 else b"T" + struct.pack("<I", len(s)) + s
+
+
+def _py2_pickle(batch: dict[bytes, object]) -> bytes:
+    """What Python 2's cPickle.dump(batch, f, 2) writes for a CIFAR batch (the original files' format):
+    str keys and values, int lists, and a uint8 array as numpy 1.x pickles it, naming
+    numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype."""
+    out = [b"\x80\x02}("]  # PROTO 2, EMPTY_DICT, MARK
+    for key, value in batch.items():
+        out.append(_py2_str(key))
+        if isinstance(value, np.ndarray):
+            assert value.dtype == np.uint8
+            out += [b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", _py2_str(b"b"), b"\x87R(K\x01",
+                    *map(_py2_int, value.shape), b"\x86" if value.ndim == 2 else b"\x85",
+                    b"cnumpy\ndtype\n", _py2_str(b"u1"), b"K\x00K\x01\x87R(K\x03", _py2_str(b"|"),
+                    b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89", _py2_str(value.tobytes()), b"tb"]
+        elif isinstance(value, list):
+            out += [b"](", *map(_py2_int, value), b"e"]
+        else:
+            out.append(_py2_str(value))
+    out.append(b"u.")  # SETITEMS, STOP
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("fmt", ["python2", "protocol-2", "default-protocol", "highest-protocol"])
+def test_cifar_pickles_of_every_protocol_load(tmp_path, fmt):
+    """The original Python 2 files, and re-pickled ones (protocol 2: bytes as _codecs.encode;
+    protocol 5: numpy's _frombuffer), all load through the restricted unpickler."""
+    train_x, train_y, test_x, test_y = _make_cifar10(tmp_path)
+    base = tmp_path / "cifar-10-batches-py"
+    for path in sorted(base.iterdir()):
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        if fmt == "python2":
+            blob = _py2_pickle(batch)
+            assert b"cnumpy.core.multiarray\n_reconstruct\n" in blob
+        else:
+            blob = pickle.dumps(batch, protocol={"protocol-2": 2, "default-protocol": pickle.DEFAULT_PROTOCOL,
+                                                 "highest-protocol": pickle.HIGHEST_PROTOCOL}[fmt])
+        assert pickle.loads(blob, encoding="bytes")[b"labels"] == batch[b"labels"]
+        path.write_bytes(blob)
+    ds = data.load("cifar10", tmp_path)
+    np.testing.assert_array_equal(ds.train_x.numpy(), train_x)
+    np.testing.assert_array_equal(ds.train_y.numpy(), train_y)
+    np.testing.assert_array_equal(ds.test_x.numpy(), test_x)
+    np.testing.assert_array_equal(ds.test_y.numpy(), test_y)
+
+
+class _OpensAFile:
+    """A pickle payload: unpickling it would create `marker` (open(marker, "w"))."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+class _RunsAShellCommand:
+    """A pickle payload: unpickling it would run `touch marker` (os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+@pytest.mark.parametrize("dataset,file,label_key", [
+    ("cifar10", "cifar-10-batches-py/data_batch_1", b"labels"),
+    ("cifar100", "cifar-100-python/train", b"fine_labels"),
+])
+@pytest.mark.parametrize("payload,refers_to", [(_OpensAFile, "io.open"), (_RunsAShellCommand, "posix.system")])
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_cifar_pickle_with_code_is_refused_and_never_runs(tmp_path, capsys, dataset, file, label_key, payload,
+                                                          refers_to, protocol):
+    if dataset == "cifar10":
+        _make_cifar10(tmp_path / "data")
+    else:
+        for name in ("train", "test"):
+            _write_cifar_batch(tmp_path / "data" / "cifar-100-python" / name, np.zeros((2, 3, 32, 32), np.uint8),
+                               [0, 1], b"fine_labels")
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "data" / file
+    planted.write_bytes(pickle.dumps({b"batch_label": b"training batch 1 of 5", b"data": payload(marker),
+                                      label_key: [0, 1]}, protocol=protocol))
+    if refers_to == "posix.system" and os.name != "posix":
+        refers_to = "nt.system"
+
+    code, out, err = run_cli(["train", "--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                              "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert not marker.exists(), "the pickle's payload ran"
+    assert code == 2, err
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("weat: error: ")
+    assert str(planted) in lines[0] and f"refers to {refers_to}" in lines[0]
+    assert "never runs code" in lines[0] and "expected" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_safe_pickle_refuses_other_codecs_and_odd_names():
+    from weatcli import safe_pickle
+
+    # _codecs.encode is admitted for what Python 3 writes for bytes (latin1) only.
+    blob = pickle.dumps(b"\x00\xffok", protocol=2)
+    assert b"_codecs" in blob and safe_pickle.load(io.BytesIO(blob)) == b"\x00\xffok"
+    rot13 = b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00abX\x05\x00\x00\x00rot13\x86R."
+    assert pickle.loads(rot13) == "no"  # plain pickle calls it
+    with pytest.raises(safe_pickle.UnsafePickleError, match="rot13"):
+        safe_pickle.load(io.BytesIO(rot13))
+    # A STACK_GLOBAL name may hold a newline: the refusal still names it on one line.
+    odd = b"\x80\x04\x8c\x02os\x94\x8c\x07sys\ntem\x94\x93\x94."
+    with pytest.raises(safe_pickle.UnsafePickleError) as e:
+        safe_pickle.load(io.BytesIO(odd))
+    assert "\n" not in e.value.what and "os.sys" in e.value.what
 
 
 def test_download_uses_torchvision_class_and_stdout_stays_clean(tmp_path, monkeypatch, capsys):

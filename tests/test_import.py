@@ -177,6 +177,39 @@ def test_weat_attack_runs_on_import(tmp_path, capsys, digits_net):
     assert result["n"] == 16 and 0 <= result["attacks"]["pgd"]["robust_accuracy"] <= result["clean_accuracy"] <= 1
 
 
+def test_imported_checkpoint_says_imported(tmp_path, capsys, digits_net):
+    """The config of an import carries its dataset recipe's train.method (weat-adv for digits); every
+    method shown comes from Checkpoint.method, which says "imported"."""
+    from weatcli.evaluate import evaluate_checkpoint
+
+    torch.save(digits_net.state_dict(), tmp_path / "a.pt")
+    code, out, err = _import(capsys, tmp_path / "a.pt", "--arch", "small-cnn", "--dataset", "digits")
+    assert code == 0, err
+    path = out.strip()
+    ck = checkpoint.load(path)
+    recipe = ck.config.train.method
+    assert recipe == "weat-adv" and ck.method == "imported"
+
+    ev = evaluate_checkpoint(checkpoint=path, attacks=["pgd"], n=8, steps=1, device="cpu")
+    assert ev.info["method"] == "imported"
+    code, out, err = run_cli(["attack", path, "--n", "8", "--steps", "1", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert recipe not in out + err  # no output claims the recipe's method for an imported model
+
+
+def test_trained_checkpoint_method_is_its_own(tmp_path):
+    from weatcli.config import resolve
+
+    cfg = resolve(preset="digits-trades")
+    model = build(cfg.model.arch, num_classes=10, in_channels=1, image_size=16)
+    meta = checkpoint.model_metadata(cfg, num_classes=10, in_channels=1, image_size=16, epoch=1)
+    checkpoint.save(tmp_path / "m.safetensors", checkpoint.state_dict_of(model), meta)
+    assert checkpoint.load(tmp_path / "m.safetensors").method == "trades"
+    del meta["method"]  # a checkpoint without the key: its config's method
+    checkpoint.save(tmp_path / "m.safetensors", checkpoint.state_dict_of(model), meta)
+    assert checkpoint.load(tmp_path / "m.safetensors").method == "trades"
+
+
 def test_dataset_shapes_need_no_files():
     assert data.dataset_shape("cifar100") == (100, 3, 32)
     assert data.dataset_shape("tiny-imagenet") == (200, 3, 64)

@@ -103,6 +103,12 @@ class Checkpoint:
     def epoch(self) -> int:
         return int(self.metadata["epoch"])
 
+    @property
+    def method(self) -> str:
+        """How the weights were made, for display: the metadata's method ("imported" for `weat import`,
+        whose config carries its dataset recipe's train.method), else the config's."""
+        return self.metadata.get("method") or self.config.train.method
+
 
 REQUIRED_METADATA = ("config", "num_classes", "in_channels", "image_size")
 

@@ -5,6 +5,8 @@ ImageNet as .npz or as the original JPEG folder, a user .npz) into numpy uint8 N
 `load` turns them into contiguous NCHW uint8 tensors on the requested device. Nothing is
 downloaded unless `download=True`, and then only through torchvision's own downloader classes.
 Bad or missing files raise `WeatInputError` with one line naming the file and what was expected.
+Nothing read runs code: CIFAR pickles go through `safe_pickle` (plain data and numpy arrays only),
+.npz files are read with allow_pickle=False.
 
 Images stay uint8 on the device (4x less memory than float32); `augment` / `to_float` produce the
 float [0, 1] NCHW batches the engine works with.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weatcli import safe_pickle
 from weatcli.errors import WeatInputError, WeatRunError
 
 # (train_x NHWC uint8, train_y int64, test_x NHWC uint8, test_y int64, num_classes)
@@ -191,9 +193,15 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nda
     expected = f"a CIFAR python batch (dict with b'data' (N, 3072) uint8 and {label_key!r})"
     try:
         with open(path, "rb") as f:
-            # The standard Python-2 pickles (trusted format, the one torchvision reads);
-            # encoding="bytes" keeps their keys as bytes.
-            batch = pickle.load(f, encoding="bytes")
+            # The standard Python-2 pickles (the ones torchvision reads); encoding="bytes" keeps their
+            # keys as bytes. Only plain data and numpy arrays are admitted: a pickle naming anything
+            # else (os.system, eval, ...) is refused before it is called.
+            batch = safe_pickle.load(f, encoding="bytes")
+    except safe_pickle.UnsafePickleError as e:
+        raise WeatInputError(
+            f"{path}: the pickle refers to {e.what}, which a CIFAR batch never holds; refusing to load it "
+            f"(weat never runs code from data files); expected {expected}"
+        ) from None
     except Exception as e:
         raise WeatInputError(
             f"{path}: unreadable ({_one_line(e)}); expected {expected}; delete it and re-run with --download"

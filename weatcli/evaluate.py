@@ -693,7 +693,7 @@ def evaluate_checkpoint(
         result = merge_evaluations([p for p in dist_mod.gather_objects(result, ctx) if p is not None])
         result.info["ranks"] = ctx.world
     result.info.update({"dataset": name, "split": split, "arch": ck.config.model.arch,
-                        "method": ck.metadata.get("method", ck.config.train.method)})  # "imported" for weat import
+                        "method": ck.method})  # "imported" for weat import
     if save_adv is not None and ctx.main:
         save_adversarial(Path(save_adv), result)
         result.info["save_adv"] = str(save_adv)
