@@ -96,7 +96,7 @@ def local_class_pca(y: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tenso
         raise ValueError(f"anchor_batch must be >= 1, got {anchor_batch}")
     dev = x_train.device
     y, y_train = y.to(dev), y_train.to(dev)
-    n, shape = len(x_train), tuple(x_train.shape[1:])
+    shape = tuple(x_train.shape[1:])
     d = math.prod(shape)
     b = len(y)
     u = torch.rand(b, generator=generator, device=dev, dtype=torch.float64)
