@@ -33,15 +33,25 @@ def check_outputs(png: Path, returned: dict) -> dict:
     return data
 
 
-def energies(rng: np.random.Generator, n: int, shift: float) -> dict[str, np.ndarray]:
+def energies(rng: np.random.Generator, n: int, shift: float, points: str = "adversarial") -> dict[str, np.ndarray]:
+    """A series as the lens gives it: energy_<points> and joint_<points> (energy.ENERGY_QUANTITIES names)."""
     e = rng.normal(-8.0 + shift, 1.0, n)
-    return {"energy": e, "joint": e + rng.gamma(2.0, 0.5, n)}
+    return {f"energy_{points}": e, f"joint_{points}": e + rng.gamma(2.0, 0.5, n)}
+
+
+PANEL_KEYS = {"energy": ("energy_natural", "energy_adversarial"), "joint": ("joint_natural", "joint_adversarial")}
+
+
+def quantity(series: dict, panel: str) -> str:
+    """The key of `series` drawn in `panel`."""
+    return next(k for k in PANEL_KEYS[panel] if k in series)
 
 
 def test_energy_histograms(tmp_path):
     rng = np.random.default_rng(0)
-    series = {"clean": energies(rng, 500, 0.0), "pgd": energies(rng, 300, -2.5), "pgd-targeted": energies(rng, 400, 1.5)}
-    series["pgd"]["energy"][:3] = [-1e6, 1e6, 5e3]  # extreme outliers land in the edge bins
+    series = {"clean": energies(rng, 500, 0.0, "natural"), "pgd": energies(rng, 300, -2.5),
+              "pgd-targeted": energies(rng, 400, 1.5)}
+    series["pgd"]["energy_adversarial"][:3] = [-1e6, 1e6, 5e3]  # extreme outliers land in the edge bins
     out = tmp_path / "figs" / "hist.png"  # the folder does not exist yet
     data = check_outputs(out, plots.energy_histograms(series, out, title="test", bins=40))
     for panel in ("energy", "joint"):
@@ -49,28 +59,34 @@ def test_energy_histograms(tmp_path):
         assert len(edges) == 41 and np.all(np.diff(edges) > 0)
         assert edges[0] > -100 and edges[-1] < 100  # the outliers did not stretch the range
     for name, s in series.items():
-        assert data["n"][name] == len(s["energy"])
+        assert data["n"][name] == len(s[quantity(s, "energy")])
+        assert set(data["counts"][name]) == set(s)  # keyed by the series' quantity names
         for panel in ("energy", "joint"):
-            assert sum(data["counts"][name][panel]) == len(s[panel])
-            assert data["means"][name][panel] == pytest.approx(float(np.mean(s[panel])))
-    assert data["clipped"]["pgd"]["energy"][0] >= 1 and data["clipped"]["pgd"]["energy"][1] >= 2
-    assert data["counts"]["pgd"]["energy"][0] >= 1 and data["counts"]["pgd"]["energy"][-1] >= 2
+            q = quantity(s, panel)
+            assert sum(data["counts"][name][q]) == len(s[q])
+            assert data["means"][name][q] == pytest.approx(float(np.mean(s[q])))
+    assert data["clipped"]["pgd"]["energy_adversarial"][0] >= 1 and data["clipped"]["pgd"]["energy_adversarial"][1] >= 2
+    assert data["counts"]["pgd"]["energy_adversarial"][0] >= 1 and data["counts"]["pgd"]["energy_adversarial"][-1] >= 2
 
 
 def test_energy_histograms_constant_and_single_panel(tmp_path):
     out = tmp_path / "const.png"
-    data = check_outputs(out, plots.energy_histograms({"clean": {"energy": np.full(50, -3.0)}}, out))
+    data = check_outputs(out, plots.energy_histograms({"clean": {"energy_natural": np.full(50, -3.0)}}, out))
     assert list(data["bins"]) == ["energy"]
-    assert sum(data["counts"]["clean"]["energy"]) == 50
+    assert sum(data["counts"]["clean"]["energy_natural"]) == 50
 
 
 def test_energy_histograms_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
-        plots.energy_histograms({"clean": {"energy": [1.0, float("nan")]}}, tmp_path / "h.png")
+        plots.energy_histograms({"clean": {"energy_natural": [1.0, float("nan")]}}, tmp_path / "h.png")
     with pytest.raises(ValueError, match="different lengths"):
-        plots.energy_histograms({"clean": {"energy": [1.0, 2.0], "joint": [1.0]}}, tmp_path / "h.png")
+        plots.energy_histograms({"clean": {"energy_natural": [1.0, 2.0], "joint_natural": [1.0]}}, tmp_path / "h.png")
     with pytest.raises(ValueError, match=r"\.png"):
-        plots.energy_histograms({"clean": {"energy": [1.0, 2.0]}}, tmp_path / "h.json")
+        plots.energy_histograms({"clean": {"energy_natural": [1.0, 2.0]}}, tmp_path / "h.json")
+    with pytest.raises(ValueError, match="share a panel"):
+        plots.energy_histograms({"pgd": {"energy_natural": [1.0], "energy_adversarial": [2.0]}}, tmp_path / "h.png")
+    with pytest.raises(ValueError, match="unknown keys"):
+        plots.energy_histograms({"clean": {"energy": [1.0, 2.0]}}, tmp_path / "h.png")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -124,8 +140,10 @@ def test_compare_violins(tmp_path):
             stats = data["models"][label][key]
             assert stats["n"] == len(m[key])
             assert stats["mean"] == pytest.approx(float(np.mean(m[key])))
-            assert stats["quantiles"]["50"] == pytest.approx(float(np.median(m[key])))
-            q = [stats["quantiles"][p] for p in ("5", "25", "50", "75", "95")]
+            assert set(stats) == {"mean", "std", "q05", "q25", "q50", "q75", "q95", "n"}  # energy.describe's keys
+            assert stats["q50"] == pytest.approx(float(np.median(m[key])))
+            assert stats["std"] == pytest.approx(float(np.std(m[key])))
+            q = [stats[p] for p in ("q05", "q25", "q50", "q75", "q95")]
             assert q == sorted(q)
         assert data["models"][label]["robust_accuracy"] == m["robust_accuracy"]
 
@@ -173,8 +191,8 @@ def test_sample_grid_rejects_bad_images(tmp_path):
 
 def test_overwrite_is_atomic_and_clean(tmp_path):
     out = tmp_path / "h.png"
-    first = plots.energy_histograms({"a": {"energy": [1.0, 2.0, 3.0]}}, out)
-    second = plots.energy_histograms({"a": {"energy": [1.0, 2.0, 3.0, 4.0]}}, out)
+    first = plots.energy_histograms({"a": {"energy_natural": [1.0, 2.0, 3.0]}}, out)
+    second = plots.energy_histograms({"a": {"energy_natural": [1.0, 2.0, 3.0, 4.0]}}, out)
     assert first["n"]["a"] == 3
     check_outputs(out, second)
 
@@ -183,3 +201,14 @@ def test_import_needs_neither_pyplot_nor_torch():
     code = "import sys, weatcli.plots, weatcli.phases; print('matplotlib.pyplot' in sys.modules, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_violin_statistics_are_energy_describe():
+    """plots' numpy twin of energy.describe gives its numbers (plots itself imports no torch)."""
+    torch = pytest.importorskip("torch")
+    from weatcli.energy import describe
+
+    x = np.random.default_rng(6).normal(0.3, 2.0, 257)
+    ours, theirs = plots._describe(x), describe(torch.from_numpy(x))
+    assert list(ours) == list(theirs)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-12)

@@ -133,6 +133,19 @@ def _int_metadata(path: Path, meta: dict[str, str], key: str) -> int:
     return value
 
 
+def stored_config(path: Path | str) -> RunConfig:
+    """The RunConfig a checkpoint was made with, from its metadata alone (no tensor is read): what a
+    command resolves its own config on top of (config.resolve_command), before any slow work."""
+    path = Path(path)
+    _, meta = read(path, metadata_only=True)
+    if meta.get("format") != FORMAT:
+        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    if "config" not in meta:
+        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no 'config'); expected the keys "
+                             f"{', '.join(REQUIRED_METADATA)}")
+    return validate(_json_metadata(path, meta, "config"), source=f"checkpoint: {path} config")
+
+
 def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
     from .models import build

@@ -549,14 +549,25 @@ energy_app = typer.Typer(help="The energy lens: natural vs adversarial energies,
                          no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(energy_app, name="energy")
 
-LensAttackOpt = Annotated[Optional[list[str]], typer.Option(
-    "--attack", "-a", help="Attack name (as in weat attack), '-targeted' suffix for pgd/cw; repeatable. "
-    "Default: pgd and pgd-targeted.")]
-DEFAULT_LENS_N = 1000
-LensNOpt = Annotated[Optional[int], typer.Option("--n", help="Test images: the first N (default 1000, or the whole split if smaller).")]
-StepsOpt = Annotated[int, typer.Option(help="PGD / CW steps.")]
-BatchOpt = Annotated[int, typer.Option(help="Images per batch.")]
-FixedSeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+
+def _stored_option(section: type, field: str, *decls: str) -> Any:
+    """cfg_option for a key whose default is the checkpoint's own value (its stored config)."""
+    text = (section.model_fields[field].description or "").rstrip(".")
+    return typer.Option(*decls, help=f"{text[:1].upper()}{text[1:]} [default: the checkpoint's].", show_default=False)
+
+
+_Lens = config_mod.LensConfig
+CkptArg = Annotated[Optional[Path], typer.Argument(
+    metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")]
+LensAttackOpt = Annotated[Optional[list[str]], cfg_option(_Lens, "attacks", "--attack", "-a")]
+LensNOpt = Annotated[Optional[int], cfg_option(_Lens, "n", "--n")]
+LensStepsOpt = Annotated[Optional[int], cfg_option(_Lens, "steps", "--steps")]
+LensBatchOpt = Annotated[Optional[int], cfg_option(_Lens, "batch_size", "--batch-size")]
+LensDeviceOpt = Annotated[Optional[str], cfg_option(_Lens, "device", "--device")]
+LensSeedOpt = Annotated[Optional[int], cfg_option(_Lens, "seed", "--seed")]
+LensEpsOpt = Annotated[Optional[str], _stored_option(config_mod.AttackConfig, "eps", "--eps")]
+LensDatasetOpt = Annotated[Optional[str], _stored_option(config_mod.DataConfig, "dataset", "--dataset")]
+LensDataDirOpt = Annotated[Optional[str], _stored_option(config_mod.DataConfig, "data_dir", "--data-dir")]
 
 
 def _fraction_opt(flag: str, value: Optional[str]) -> Optional[float]:
@@ -568,17 +579,23 @@ def _fraction_opt(flag: str, value: Optional[str]) -> Optional[float]:
         raise WeatInputError(f"{flag}: {e}") from None
 
 
-def _lens(ckpt: Optional[Path], attack_: Optional[list[str]], n: Optional[int], eps: Optional[str], steps: int, batch_size: int,
-          dataset: Optional[str], data_dir: Optional[str], device: Optional[str], seed: int) -> Any:
-    from .lens import DEFAULT_ATTACKS, energy_lens
+def _lens_config(path: Path, overrides: dict[str, Any], preset: Optional[str], set_: Optional[list[str]],
+                 flag_names: Optional[dict[str, str]] = None) -> Any:
+    """The RunConfig of an energy command on one checkpoint: its stored config (metadata only, so bad
+    input is found before any slow work) <- preset <- flags <- --set."""
+    from .checkpoint import stored_config
 
-    if n is not None and n < 1:
-        raise WeatInputError(f"--n: {n}; expected an integer >= 1")
-    path = _checkpoint_or_newest(ckpt)
+    names = {"lens.attacks": "--attack", **(flag_names or {})}
+    return _resolve(config_mod.resolve_command, overrides, flag_names=names, stored=stored_config(path),
+                    preset=preset, sets=set_)
+
+
+def _lens(path: Path, cfg: Any) -> Any:
+    """The energy lens of one checkpoint, with `weat attack`'s progress display."""
+    from .lens import energy_lens
+
     with ui.AttackDisplay() as display:
-        return energy_lens(checkpoint=path, attacks=attack_ or list(DEFAULT_ATTACKS), n=n,
-                           eps=_fraction_opt("--eps", eps), steps=steps, batch_size=batch_size, dataset=dataset,
-                           data_dir=data_dir, device=device or "auto", seed=seed, on_event=display)
+        return energy_lens(path, cfg, on_event=display)
 
 
 def _print_table(table: Any) -> None:
@@ -587,17 +604,19 @@ def _print_table(table: Any) -> None:
 
 @energy_app.command("stats")
 def energy_stats(
-    ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
+    ckpt: CkptArg = None,
     attack_: LensAttackOpt = None,
     n: LensNOpt = None,
-    eps: EpsOpt = None,
-    steps: StepsOpt = 20,
-    per_class: Annotated[bool, typer.Option("--per-class", help="Also per true class.")] = False,
-    batch_size: BatchOpt = 500,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    device: DeviceOpt = None,
-    seed: FixedSeedOpt = 0,
+    eps: LensEpsOpt = None,
+    steps: LensStepsOpt = None,
+    per_class: Annotated[Optional[bool], cfg_option(_Lens, "per_class", "--per-class/--no-per-class")] = None,
+    batch_size: LensBatchOpt = None,
+    dataset: LensDatasetOpt = None,
+    data_dir: LensDataDirOpt = None,
+    device: LensDeviceOpt = None,
+    seed: LensSeedOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Distributions of E(x), E(x,y), dE(x), dE(x,y) for clean images and each attack."""
@@ -605,7 +624,12 @@ def energy_stats(
     def body() -> None:
         from .lens import lens_stats
 
-        stats = lens_stats(_lens(ckpt, attack_, n, eps, steps, batch_size, dataset, data_dir, device, seed), per_class=per_class)
+        path = _checkpoint_or_newest(ckpt)
+        cfg = _lens_config(path, {
+            "lens.attacks": attack_ or None, "lens.n": n, "attack.eps": eps, "lens.steps": steps,
+            "lens.per_class": per_class, "lens.batch_size": batch_size, "data.dataset": dataset,
+            "data.data_dir": data_dir, "lens.device": device, "lens.seed": seed}, preset, set_)
+        stats = lens_stats(_lens(path, cfg), per_class=cfg.lens.per_class)
         if as_json:
             _emit_json(stats)
         else:
@@ -624,14 +648,41 @@ def _check_figure_out(out: Path) -> None:
 
 
 def _run_label(run_dir: Path, taken: set[str]) -> str:
-    cfg_path = run_dir / "config.toml"
+    """A run's label in plots: what its checkpoint says it is (the metadata's method, e.g. "imported"
+    for `weat import`), else its config.toml's train.method, else the directory's name."""
+    from . import checkpoint as ckpt_mod
+
     label = run_dir.name
-    if cfg_path.is_file():
-        try:
-            label = config_mod.validate(config_mod.read_toml(cfg_path)).train.method
-        except WeatInputError:
-            pass
+    try:
+        if (run_dir / "model.safetensors").is_file():
+            label = ckpt_mod.read(run_dir / "model.safetensors", metadata_only=True)[1].get("method") or label
+        elif (run_dir / "config.toml").is_file():
+            label = config_mod.validate(config_mod.read_toml(run_dir / "config.toml")).train.method
+    except WeatInputError:
+        pass
     return label if label not in taken else f"{label} ({run_dir.name})"
+
+
+def _plot_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """`energy plot RUN_DIR...`: robust error and mean dE(x) per epoch from each run's metrics.jsonl."""
+    from . import plots
+    from .phases import detect_phases, read_metrics
+
+    runs, phases, taken = {}, {}, set()
+    for run_dir in run_dirs:
+        label = _run_label(run_dir, taken)
+        taken.add(label)
+        runs[label] = read_metrics(run_dir)
+        if not runs[label]:
+            raise WeatInputError(f"{run_dir / 'metrics.jsonl'}: no epochs recorded yet")
+        phases[label] = detect_phases(runs[label])
+        p = phases[label]
+        where = f"phase 3 (robust overfitting) from epoch {p.phase3_start}" if p.phase3_start else "no phase 3 detected"
+        err.print(f"{label}: {where}; best robust epoch {p.best_epoch}", markup=False, soft_wrap=True)
+    plots.training_dynamics(runs, out, phases=phases, title="training dynamics")
+    # The runs' metrics are plotted as recorded: no config section is used.
+    return {"png": str(out), "json": str(out.with_suffix(".json")),
+            "phases": {k: v.to_dict() for k, v in phases.items()}, "config": {}}
 
 
 @energy_app.command("plot")
@@ -640,13 +691,15 @@ def energy_plot(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the plotted numbers go next to it as .json.")],
     attack_: LensAttackOpt = None,
     n: LensNOpt = None,
-    eps: EpsOpt = None,
-    steps: StepsOpt = 20,
-    batch_size: BatchOpt = 500,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    device: DeviceOpt = None,
-    seed: FixedSeedOpt = 0,
+    eps: LensEpsOpt = None,
+    steps: LensStepsOpt = None,
+    batch_size: LensBatchOpt = None,
+    dataset: LensDatasetOpt = None,
+    data_dir: LensDataDirOpt = None,
+    device: LensDeviceOpt = None,
+    seed: LensSeedOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A checkpoint: overlaid histograms of E(x) and E(x,y), clean vs each attack.
@@ -654,30 +707,22 @@ def energy_plot(
 
     def body() -> None:
         from . import plots
-        from .phases import detect_phases, read_metrics
 
         _check_figure_out(out)
+        overrides = {"lens.attacks": attack_ or None, "lens.n": n, "attack.eps": eps, "lens.steps": steps,
+                     "lens.batch_size": batch_size, "data.dataset": dataset, "data.data_dir": data_dir,
+                     "lens.device": device, "lens.seed": seed}
         if all(t.is_dir() for t in targets):
-            runs, phases, taken = {}, {}, set()
-            for run_dir in targets:
-                label = _run_label(run_dir, taken)
-                taken.add(label)
-                runs[label] = read_metrics(run_dir)
-                if not runs[label]:
-                    raise WeatInputError(f"{run_dir / 'metrics.jsonl'}: no epochs recorded yet")
-                phases[label] = detect_phases(runs[label])
-                p = phases[label]
-                where = f"phase 3 (robust overfitting) from epoch {p.phase3_start}" if p.phase3_start else "no phase 3 detected"
-                err.print(f"{label}: {where}; best robust epoch {p.best_epoch}", markup=False, soft_wrap=True)
-            written = plots.training_dynamics(runs, out, phases=phases, title="training dynamics")
-            summary = {"png": str(out), "json": str(out.with_suffix(".json")),
-                       "phases": {k: v.to_dict() for k, v in phases.items()}}
+            _resolve(config_mod.resolve_command, overrides, flag_names={"lens.attacks": "--attack"}, preset=preset,
+                     sets=set_)  # bad options are bad input here too
+            summary = _plot_runs(targets, out)
         elif len(targets) == 1 and targets[0].is_file():
-            lens = _lens(targets[0], attack_, n, eps, steps, batch_size, dataset, data_dir, device, seed)
+            cfg = _lens_config(targets[0], overrides, preset, set_)
+            lens = _lens(targets[0], cfg)
             title = f"{targets[0]}: {lens.norm} eps {lens.eps:.4g}, n={lens.n}"
             written = plots.energy_histograms(lens.series(), out, title=title)
             summary = {"png": str(out), "json": str(out.with_suffix(".json")), "n": lens.n,
-                       "means": written.get("means")}
+                       "means": written.get("means"), "config": lens.config}
         else:
             missing = [str(t) for t in targets if not t.exists()]
             raise WeatInputError(f"{missing[0]} not found" if missing else
@@ -694,13 +739,17 @@ def energy_plot(
 def energy_compare(
     ckpts: Annotated[list[Path], typer.Argument(metavar="CKPT...", help="Checkpoints to compare.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; the numbers go next to it as .json.")],
-    attack_: Annotated[str, typer.Option("--attack", "-a", help="The attack whose dE is compared.")] = "pgd",
+    attack_: Annotated[Optional[str], typer.Option(
+        "--attack", "-a", help="The attack whose dE is compared, a name as in weat attack ('-targeted' suffix for pgd / "
+        f"cw) [default: {_Lens.model_fields['attacks'].default[0]}, the first of lens.attacks].")] = None,
     n: LensNOpt = None,
-    eps: EpsOpt = None,
-    steps: StepsOpt = 20,
-    batch_size: BatchOpt = 500,
-    device: DeviceOpt = None,
-    seed: FixedSeedOpt = 0,
+    eps: LensEpsOpt = None,
+    steps: LensStepsOpt = None,
+    batch_size: LensBatchOpt = None,
+    device: LensDeviceOpt = None,
+    seed: LensSeedOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Per model, violins of dE(x) and dE(x,y) side by side, ordered by robust accuracy:
@@ -710,18 +759,27 @@ def energy_compare(
         from . import plots
 
         _check_figure_out(out)
-        models, taken = {}, set()
-        for path in ckpts:
-            lens = _lens(path, [attack_], n, eps, steps, batch_size, None, None, device, seed)
+        overrides = {"lens.attacks": [attack_] if attack_ else None, "lens.n": n, "attack.eps": eps,
+                     "lens.steps": steps, "lens.batch_size": batch_size, "lens.device": device, "lens.seed": seed}
+        configs = {}
+        for path in ckpts:  # every checkpoint's config first: bad input before any slow work
+            cfg = _lens_config(path, overrides, preset, set_)
+            configs[path] = cfg.model_copy(update={"lens": cfg.lens.model_copy(update={"attacks": cfg.lens.attacks[:1]})})
+        models, used, taken = {}, {}, set()
+        for path, cfg in configs.items():
+            name = cfg.lens.attacks[0]
+            lens = _lens(path, cfg)
             label = path.parent.name if path.name == "model.safetensors" else path.stem
             label = label if label not in taken else str(path)
             taken.add(label)
-            d = lens.attacks[attack_]
+            d = lens.attacks[name]
             models[label] = {"delta_energy": d["delta_energy"].numpy(), "delta_joint": d["delta_joint"].numpy(),
-                             "robust_accuracy": lens.robust_accuracy[attack_]}
-        written = plots.compare_violins(models, out, title=f"dE under {attack_}")
+                             "robust_accuracy": lens.robust_accuracy[name]}
+            used[label] = lens.config
+        names = sorted({cfg.lens.attacks[0] for cfg in configs.values()})
+        written = plots.compare_violins(models, out, title=f"dE under {', '.join(names)}")
         if as_json:
-            _emit_json({"png": str(out), "json": str(out.with_suffix(".json")), **written})
+            _emit_json({"png": str(out), "json": str(out.with_suffix(".json")), **written, "config": used})
         else:
             typer.echo(str(out))
 
@@ -730,44 +788,29 @@ def energy_compare(
 
 @energy_app.command("trades")
 def energy_trades(
-    ckpt: Annotated[Optional[Path], typer.Argument(metavar="CKPT", help="Checkpoint; default: the newest runs/*/model.safetensors.")] = None,
+    ckpt: CkptArg = None,
     n: LensNOpt = None,
-    eps: EpsOpt = None,
-    steps: Annotated[int, typer.Option(help="Steps of the TRADES KL attack.")] = 10,
-    batch_size: BatchOpt = 500,
-    device: DeviceOpt = None,
-    seed: FixedSeedOpt = 0,
+    eps: LensEpsOpt = None,
+    steps: Annotated[Optional[int], cfg_option(_Lens, "trades_steps", "--steps")] = None,
+    batch_size: LensBatchOpt = None,
+    device: LensDeviceOpt = None,
+    seed: LensSeedOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """TRADES in energies: KL(p(.|x)||p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*)),
     per term, checked against the directly computed KL."""
 
     def body() -> None:
-        from . import checkpoint as ckpt_mod
-        from . import data as data_mod
-        from .lens import trades_decomposition
-        from .runtime import Stream, generator_for, resolve_device
+        from .lens import trades_checkpoint
 
-        eps_opt = _fraction_opt("--eps", eps)
-        if eps_opt is not None and not 0 < eps_opt <= 1:
-            raise WeatInputError(f"--eps: {eps}; expected a linf radius in (0, 1]")
-        for flag, value, low in (("--n", n, 1), ("--steps", steps, 0), ("--batch-size", batch_size, 1)):
-            if value is not None and value < low:
-                raise WeatInputError(f"{flag}: {value}; expected an integer >= {low}")
         path = _checkpoint_or_newest(ckpt)
-        dev = resolve_device(device or "auto")
-        loaded = ckpt_mod.load(path, device=dev)
-        cfg = loaded.config
-        ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
-        n_images = min(DEFAULT_LENS_N, len(ds.test_x)) if n is None else n
-        if n_images > len(ds.test_x):
-            raise WeatInputError(f"--n: {n}; expected 1..{len(ds.test_x)} (the test split's size)")
-        eps_value = eps_opt or cfg.attack.eps
-        step = cfg.attack.step_size * eps_value / cfg.attack.eps
-        result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n_images]), ds.test_y[:n_images], eps=eps_value,
-                                      step_size=step, steps=steps, batch_size=batch_size,
-                                      generator=generator_for(dev, seed, Stream.TRADES_LENS))
-        result["model"] = str(path)
+        cfg = _lens_config(path, {"lens.n": n, "attack.eps": eps, "lens.trades_steps": steps,
+                                  "lens.batch_size": batch_size, "lens.device": device, "lens.seed": seed},
+                           preset, set_, flag_names={"lens.trades_steps": "--steps"})
+        with ui.AttackDisplay() as display:
+            result = trades_checkpoint(path, cfg, on_event=display)
         if as_json:
             _emit_json(result)
         else:

@@ -233,18 +233,46 @@ class EvaluateConfig(_Section):
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
 
 
+LENS_DEFAULT_N = 1000  # lens.n unset: the first min(1000, split size) test images
+
+
 class LensConfig(_Section):
-    """`weat energy`: the energy lens on a checkpoint's test images."""
+    """`weat energy`: the energy lens on a checkpoint's test images (docs/science.md#findings). The
+    threat (eps, norm, step size) is the [attack] section, the images the [data] section, both taken
+    from the checkpoint unless overridden."""
 
     attacks: list[str] = Field(["pgd", "pgd-targeted"], description="attack names as in weat attack, with a "
-                               "'-targeted' suffix for pgd / cw")
-    n: int | None = Field(None, ge=1, description="test images: the first N (default 1000, or the whole split if smaller)")
+                               "'-targeted' suffix for pgd / cw (a random wrong class per image); repeatable")
+    n: int | None = Field(None, ge=1, description=f"test images: the first N (default {LENS_DEFAULT_N}, or the "
+                          "whole split if smaller)")
     steps: int = Field(20, ge=0, le=100_000, description="PGD / CW steps")
     trades_steps: int = Field(10, ge=0, le=100_000, description="energy trades: steps of the TRADES KL attack")
     per_class: bool = Field(False, description="energy stats: also per true class")
     batch_size: int = Field(500, ge=1, description="images per batch")
     seed: int = Field(0, ge=0, description="random seed")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, v: list[str]) -> list[str]:
+        """Lower-cased, de-duplicated (order kept) names of EVAL_ATTACKS, "-targeted" only on the
+        attacks that take a target (pgd, cw; the AutoAttack parts pick their own)."""
+        targetable = ("pgd", "cw")
+        out: list[str] = []
+        for raw in v:
+            name = str(raw).strip().lower()
+            base = name.removesuffix("-targeted")
+            if base not in EVAL_ATTACKS:
+                raise ValueError(f"unknown {raw!r}; expected one of {', '.join(EVAL_ATTACKS)} "
+                                 f"(pgd and cw also as pgd-targeted, cw-targeted)")
+            if base != name and base not in targetable:
+                raise ValueError(f"{raw!r}: only {', '.join(targetable)} take a -targeted suffix; expected "
+                                 f"{base} or one of {', '.join(t + '-targeted' for t in targetable)}")
+            if name not in out:
+                out.append(name)
+        if not out:
+            raise ValueError(f"no attack given; expected one or more of {', '.join(EVAL_ATTACKS)}")
+        return out
 
 
 class SampleConfig(_Section):

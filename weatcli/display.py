@@ -193,15 +193,19 @@ def score_table(result: Any) -> Any:
 
 
 def stats_table(stats: dict[str, Any]) -> Any:
+    """`weat energy stats`: one row per quantity of each set of points (energy.ENERGY_QUANTITIES);
+    an attack's rows leave out the natural energies, which the clean rows already show."""
     from rich.table import Table
 
+    labels = {"energy_natural": "E(x)", "energy_adversarial": "E(x*)", "delta_energy": "dE(x)",
+              "joint_natural": "E(x,y)", "joint_adversarial": "E(x*,y)", "delta_joint": "dE(x,y)"}
     table = Table(title=f"energies of {stats['model']} ({stats['norm']} eps {stats['eps']:.4g}, n={stats['n']})")
     for col in ("points", "quantity", "mean", "std", "q05", "median", "q95", "robust acc."):
         table.add_column(col, justify="left" if col in ("points", "quantity") else "right")
     for points, block in stats["energies"].items():
         acc = stats["clean_accuracy"] if points == "clean" else stats["robust_accuracy"][points]
-        for i, (quantity, d) in enumerate(block.items()):
-            label = {"energy": "E(x)", "joint": "E(x,y)", "delta_energy": "dE(x)", "delta_joint": "dE(x,y)"}[quantity]
-            table.add_row(points if i == 0 else "", label, f"{d['mean']:.3f}", f"{d['std']:.3f}", f"{d['q05']:.3f}",
-                          f"{d['q50']:.3f}", f"{d['q95']:.3f}", f"{acc:.2%}" if i == 0 else "")
+        rows = [(q, d) for q, d in block.items() if points == "clean" or q not in ("energy_natural", "joint_natural")]
+        for i, (quantity, d) in enumerate(rows):
+            table.add_row(points if i == 0 else "", labels[quantity], f"{d['mean']:.3f}", f"{d['std']:.3f}",
+                          f"{d['q05']:.3f}", f"{d['q50']:.3f}", f"{d['q95']:.3f}", f"{acc:.2%}" if i == 0 else "")
     return table

@@ -1,138 +1,115 @@
-"""The energy lens (docs/science.md#findings): distributions of E(x), E(x,y) and their deltas for clean
-images and adversarial points, per model, and the TRADES decomposition of the KL in energies.
+"""The energy lens (docs/science.md#findings): distributions of E(x), E(x,y) and their deltas for
+clean images and adversarial points, per model, and the TRADES decomposition of the KL in energies.
 
-Engine functions only: they compute and return; cli.py renders and plots.py draws.
+Engine functions only: each takes a checkpoint and a resolved RunConfig (its [data], [attack] and
+[lens] sections), computes and returns; cli.py renders and plots.py draws. Energies are named and
+summarised as energy.py's one schema says (ENERGY_QUANTITIES, describe, summarize).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .attacks import attack_mode, pgd
+from .config import LENS_DEFAULT_N, RunConfig
+from .energy import summarize
 from .errors import WeatInputError
-from .runtime import EventFn
+from .runtime import EventFn, Stream, eval_device, generator_for, ignore_event
 
-# `weat energy` attack names: every `weat attack` name, plus "<name>-targeted" for the attacks
-# that take a target (random wrong class per example, seeded).
-DEFAULT_ATTACKS = ("pgd", "pgd-targeted")
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+CONFIG_SECTIONS = ("data", "attack", "lens")  # what the lens reads: the "config" of every energy output
+
+
+def used_config(cfg: RunConfig) -> dict[str, Any]:
+    """The sections of `cfg` the lens runs with, JSON-ready: the "config" echoed by every `weat energy --json`."""
+    data = cfg.to_dict()
+    return {k: data[k] for k in CONFIG_SECTIONS}
 
 
 @dataclass
 class EnergyLens:
-    """Per-example energies of one model: `clean` and one entry per attack, tensors (n,) on CPU."""
+    """Per-example energies of one model, tensors (n,) on CPU named as energy.ENERGY_QUANTITIES:
+    `clean` holds energy_natural and joint_natural, each entry of `attacks` all six quantities."""
 
     model: str
     eps: float
     norm: str
     n: int
     y: torch.Tensor
-    clean: dict[str, torch.Tensor]  # energy, joint
-    attacks: dict[str, dict[str, torch.Tensor]]  # energy, joint, delta_energy, delta_joint
+    clean: dict[str, torch.Tensor]
+    attacks: dict[str, dict[str, torch.Tensor]]
     clean_accuracy: float
     robust_accuracy: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)  # used_config(cfg)
     info: dict[str, Any] = field(default_factory=dict)
 
     def series(self) -> dict[str, dict[str, np.ndarray]]:
-        """{"clean": {...}, attack: {...}} as numpy, the input of plots.energy_histograms."""
-        keys = ("energy", "joint")
-        out = {"clean": {k: self.clean[k].numpy() for k in keys}}
-        out.update({a: {k: d[k].numpy() for k in keys} for a, d in self.attacks.items()})
+        """The energies each set of points puts into plots.energy_histograms, as numpy: clean ->
+        energy_natural, joint_natural; an attack -> energy_adversarial, joint_adversarial."""
+        out = {"clean": {k: v.numpy() for k, v in self.clean.items()}}
+        out.update({a: {k: d[k].numpy() for k in ("energy_adversarial", "joint_adversarial")}
+                    for a, d in self.attacks.items()})
         return out
 
 
 def _split_name(name: str) -> tuple[str, bool]:
-    base, targeted = (name[: -len("-targeted")], True) if name.endswith("-targeted") else (name, False)
-    return base, targeted
+    """"pgd-targeted" -> ("pgd", True); names were checked by LensConfig."""
+    return (name[: -len("-targeted")], True) if name.endswith("-targeted") else (name, False)
 
 
-def check_lens_attacks(names: Sequence[str]) -> list[str]:
-    from .evaluate import TARGETED_ATTACKS, check_attack_names
-
-    out = []
-    for name in names or DEFAULT_ATTACKS:
-        base, targeted = _split_name(name)
-        check_attack_names([base])
-        if targeted and base not in TARGETED_ATTACKS:
-            raise WeatInputError(f"--attack: {name!r}; only {', '.join(TARGETED_ATTACKS)} take a -targeted suffix")
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def energy_lens(
-    *,
-    checkpoint: Path | str,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    n: int | None = None,
-    eps: float | None = None,
-    steps: int = 20,
-    batch_size: int = 500,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    on_event: EventFn | None = None,
-) -> EnergyLens:
-    """Energies of the first n test images (default min(1000, split size)) and of their
-    adversarial points under each attack.
-
-    Untargeted and targeted attacks run through `weat attack`'s engine (evaluate.evaluate_checkpoint),
-    the targeted ones towards a random wrong class per example.
-    """
+def _evaluate(path: Path | str, cfg: RunConfig, bases: list[str], *, targeted: bool, on_event: EventFn | None) -> Any:
+    """`weat attack`'s engine on the lens's images: the untargeted attacks, or the targeted ones
+    towards a random wrong class per image (seeded)."""
     from .evaluate import evaluate_checkpoint
 
-    names = check_lens_attacks(attacks)
+    a, lens = cfg.attack, cfg.lens
+    return evaluate_checkpoint(checkpoint=path, attacks=bases, eps=a.eps, norm=a.norm, steps=lens.steps,
+                               step_size=a.step_size, targeted=targeted, target_class="random" if targeted else None,
+                               n=lens.n, default_n=LENS_DEFAULT_N, batch_size=lens.batch_size, dataset=cfg.data.dataset,
+                               data_dir=cfg.data.data_dir, device=lens.device, seed=lens.seed, on_event=on_event)
+
+
+def energy_lens(path: Path | str, cfg: RunConfig, on_event: EventFn | None = None) -> EnergyLens:
+    """Energies of the first lens.n test images (default min(1000, split size)) and of their
+    adversarial points under each of lens.attacks, at the [attack] threat."""
     groups: dict[bool, list[str]] = {False: [], True: []}
-    for name in names:
+    for name in cfg.lens.attacks:
         base, targeted = _split_name(name)
         groups[targeted].append(base)
-
     results = {}
     for targeted, bases in groups.items():
-        if not bases:
-            continue
-        ev = evaluate_checkpoint(checkpoint=checkpoint, attacks=bases, eps=eps, steps=steps, targeted=targeted,
-                                 target_class="random" if targeted else None, n=n, default_n=1000, batch_size=batch_size,
-                                 dataset=dataset, data_dir=data_dir, device=device, seed=seed, on_event=on_event)
-        for base, r in ev.attacks.items():
-            results[f"{base}-targeted" if targeted else base] = (ev, r)
+        if bases:
+            ev = _evaluate(path, cfg, bases, targeted=targeted, on_event=on_event)
+            results.update({f"{base}-targeted" if targeted else base: (ev, r) for base, r in ev.attacks.items()})
 
     ev = next(iter(results.values()))[0]
-    clean = {"energy": ev.energy_natural.float(), "joint": ev.joint_natural.float()}
+    e_nat, j_nat = ev.energy_natural.float(), ev.joint_natural.float()
     per_attack = {}
-    for name in names:
-        _, r = results[name]
+    for name in cfg.lens.attacks:
+        r = results[name][1]
         e_adv, j_adv = r.energy_adversarial.float(), r.joint_adversarial.float()
-        per_attack[name] = {"energy": e_adv, "joint": j_adv, "delta_energy": clean["energy"] - e_adv,
-                            "delta_joint": clean["joint"] - j_adv}
-    return EnergyLens(model=str(checkpoint), eps=ev.eps, norm=ev.norm, n=ev.n, y=ev.y, clean=clean, attacks=per_attack,
+        per_attack[name] = {"energy_natural": e_nat, "energy_adversarial": e_adv, "delta_energy": e_nat - e_adv,
+                            "joint_natural": j_nat, "joint_adversarial": j_adv, "delta_joint": j_nat - j_adv}
+    return EnergyLens(model=str(path), eps=ev.eps, norm=ev.norm, n=ev.n, y=ev.y,
+                      clean={"energy_natural": e_nat, "joint_natural": j_nat}, attacks=per_attack,
                       clean_accuracy=ev.clean_accuracy,
-                      robust_accuracy={name: results[name][1].robust_accuracy for name in names}, info=dict(ev.info))
-
-
-def describe(values: torch.Tensor) -> dict[str, float]:
-    """mean, std and quantiles of a 1-d sample."""
-    v = values.double()
-    q = torch.quantile(v, torch.tensor(QUANTILES, dtype=torch.float64)).tolist() if len(v) else [float("nan")] * 5
-    return {"mean": float(v.mean()), "std": float(v.std(unbiased=False)),
-            **{f"q{int(p * 100):02d}": float(x) for p, x in zip(QUANTILES, q)}, "n": int(len(v))}
+                      robust_accuracy={name: results[name][1].robust_accuracy for name in cfg.lens.attacks},
+                      config=used_config(cfg), info=dict(ev.info))
 
 
 def lens_stats(lens: EnergyLens, *, per_class: bool = False) -> dict[str, Any]:
-    """The `weat energy stats --json` object."""
+    """The `weat energy stats --json` object: accuracies, and per set of points (clean, each attack)
+    the energy summary {quantity: energy.describe(...)} (also per true class with `per_class`)."""
 
     def block(mask: torch.Tensor | None) -> dict[str, Any]:
         pick = (lambda t: t) if mask is None else (lambda t: t[mask])
-        out = {"clean": {"energy": describe(pick(lens.clean["energy"])), "joint": describe(pick(lens.clean["joint"]))}}
-        for name, d in lens.attacks.items():
-            out[name] = {k: describe(pick(v)) for k, v in d.items()}
+        out = {"clean": summarize({k: pick(v) for k, v in lens.clean.items()})}
+        out.update({name: summarize({k: pick(v) for k, v in d.items()}) for name, d in lens.attacks.items()})
         return out
 
     result: dict[str, Any] = {
@@ -141,7 +118,30 @@ def lens_stats(lens: EnergyLens, *, per_class: bool = False) -> dict[str, Any]:
     }
     if per_class:
         result["per_class"] = {str(c): block(lens.y == c) for c in sorted(set(lens.y.tolist()))}
+    result["config"] = lens.config
     return result
+
+
+def trades_checkpoint(path: Path | str, cfg: RunConfig, on_event: EventFn | None = None) -> dict[str, Any]:
+    """`weat energy trades`: trades_decomposition on the checkpoint's first lens.n test images (default
+    min(1000, split size)) at the [attack] eps and step size, lens.trades_steps KL-attack steps, the
+    attack's start drawn from the seeded Stream.TRADES_LENS. Returns its dict plus "model" and "config"."""
+    from . import checkpoint as ckpt_mod
+    from . import data as data_mod
+
+    emit = on_event or ignore_event
+    dev = eval_device(cfg.lens.device)
+    loaded = ckpt_mod.load(path, device=dev)
+    ds = data_mod.load(cfg.data.dataset, cfg.data.data_dir, device=dev)
+    n = min(LENS_DEFAULT_N, len(ds.test_x)) if cfg.lens.n is None else cfg.lens.n
+    if n > len(ds.test_x):
+        raise WeatInputError(f"--n: {n}; expected 1..{len(ds.test_x)} (the test split's size)")
+    emit("start", {"model": str(path), "dataset": cfg.data.dataset, "split": "test", "n": n, "device": str(dev),
+                   "eps": cfg.attack.eps, "norm": "linf", "attacks": ["trades-kl"]})
+    result = trades_decomposition(loaded.model, data_mod.to_float(ds.test_x[:n]), ds.test_y[:n], eps=cfg.attack.eps,
+                                  step_size=cfg.attack.step_size, steps=cfg.lens.trades_steps,
+                                  batch_size=cfg.lens.batch_size, generator=generator_for(dev, cfg.lens.seed, Stream.TRADES_LENS))
+    return {**result, "model": str(path), "config": used_config(cfg)}
 
 
 @torch.no_grad()

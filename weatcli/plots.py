@@ -32,6 +32,10 @@ PANELS = {  # key -> (x label, panel title)
     "energy": ("E(x) = -logsumexp f(x)", "marginal energy E(x)"),
     "joint": ("E(x, y) = -f(x)_y", "joint energy E(x, y)"),
 }
+# Histogram series hold energies named as energy.ENERGY_QUANTITIES (README "Energy summaries");
+# each quantity is drawn in its panel: E(x) of clean points or of adversarial points x*, likewise E(x, y).
+PANEL_OF = {"energy_natural": "energy", "energy_adversarial": "energy",
+            "joint_natural": "joint", "joint_adversarial": "joint"}
 DELTA_PANELS = {
     "delta_energy": ("ΔE(x) = E(x) - E(x*)", "marginal energy gap ΔE(x)"),
     "delta_joint": ("ΔE(x, y) = E(x, y) - E(x*, y)", "joint energy gap ΔE(x, y)"),
@@ -135,14 +139,16 @@ def energy_histograms(
 ) -> dict:
     """Overlaid density histograms of E(x) (left) and E(x, y) (right), one per series (docs/science.md#attacks-and-energy).
 
-    series: {name: {"energy": E(x) per example, "joint": E(x, y) per example}}, e.g. clean, pgd,
-        pgd-targeted; a series may lack "joint". Both arrays of a series describe the same examples.
+    series: {name: {quantity: values per example}}, e.g. clean: {"energy_natural", "joint_natural"},
+        pgd: {"energy_adversarial", "joint_adversarial"} (PANEL_OF: at most one quantity per panel,
+        either panel may be missing). The arrays of a series describe the same examples.
     bins: number of bins; the edges are shared by all series of a panel and span the padded
         0.5-99.5 percentile range (narrowed to quartiles -+ 3 IQR against far outliers); values
         beyond it are counted in the edge bins (so every series' counts sum to its n; the JSON
         says how many were clipped).
-    JSON: {"bins": {panel: edges}, "counts": {name: {panel: counts}}, "means": {name: {panel: mean}},
-    "std": ..., "clipped": {name: {panel: [below, above]}}, "n": {name: n}, "title": title}.
+    JSON: {"bins": {panel: edges}, "counts": {name: {quantity: counts}}, "means": {name: {quantity: mean}},
+    "std": ..., "clipped": {name: {quantity: [below, above]}}, "n": {name: n}, "title": title}, with
+    panel "energy" or "joint" and quantity the series' key (energy_natural, energy_adversarial, ...).
     """
     out = _check_out(out)
     if not series:
@@ -151,16 +157,20 @@ def energy_histograms(
         raise ValueError(f"bins must be >= 1, got {bins}")
     values: dict[str, dict[str, np.ndarray]] = {}
     n: dict[str, int] = {}
+    quantity: dict[str, dict[str, str]] = {}  # name -> panel -> the quantity drawn there
     for name, d in series.items():
-        unknown = set(d) - set(PANELS)
+        unknown = set(d) - set(PANEL_OF)
         if unknown:
-            raise ValueError(f"series {name!r}: unknown keys {sorted(unknown)}; expected {sorted(PANELS)}")
-        values[name] = {k: _values(d[k], f"series {name!r} {k}") for k in PANELS if k in d}
+            raise ValueError(f"series {name!r}: unknown keys {sorted(unknown)}; expected {list(PANEL_OF)}")
+        quantity[name] = {PANEL_OF[k]: k for k in d}
+        if len(quantity[name]) < len(d):
+            raise ValueError(f"series {name!r}: {sorted(d)} share a panel; expected at most one energy and one joint quantity")
+        values[name] = {p: _values(d[k], f"series {name!r} {k}") for p, k in quantity[name].items()}
         if not values[name]:
-            raise ValueError(f"series {name!r}: needs 'energy' and/or 'joint' values")
+            raise ValueError(f"series {name!r}: needs energy and/or joint values ({', '.join(PANEL_OF)})")
         sizes = {len(v) for v in values[name].values()}
         if len(sizes) > 1:
-            raise ValueError(f"series {name!r}: 'energy' and 'joint' have different lengths {sorted(sizes)}; they must describe the same examples")
+            raise ValueError(f"series {name!r}: {sorted(d)} have different lengths {sorted(sizes)}; they must describe the same examples")
         n[name] = sizes.pop()
     panels = [k for k in PANELS if any(k in v for v in values.values())]
     colours = {name: _colour(i) for i, name in enumerate(values)}
@@ -183,10 +193,11 @@ def energy_histograms(
             ax.stairs(density, edges, fill=True, alpha=0.25, color=c)
             ax.stairs(density, edges, color=c, linewidth=1.4, label=f"{name}  (mean {mean:.2f}, n={len(x)})")
             ax.axvline(min(max(mean, lo), hi), color=c, linestyle="--", linewidth=1.0)
-            data["counts"][name][panel] = counts
-            data["means"][name][panel] = mean
-            data["std"][name][panel] = float(x.std())
-            data["clipped"][name][panel] = [int(np.sum(x < lo)), int(np.sum(x > hi))]
+            q = quantity[name][panel]
+            data["counts"][name][q] = counts
+            data["means"][name][q] = mean
+            data["std"][name][q] = float(x.std())
+            data["clipped"][name][q] = [int(np.sum(x < lo)), int(np.sum(x > hi))]
         xlabel, panel_title = PANELS[panel]
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
@@ -298,10 +309,12 @@ def _draw_phases(ax, ax_e, text_at, ph: dict, epochs: list[int], colour: str, *,
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.0})
 
 
-def _summary(x: np.ndarray) -> dict[str, Any]:
-    q = np.percentile(x, QUANTILES)
-    return {"quantiles": {str(p): float(v) for p, v in zip(QUANTILES, q)},
-            "mean": float(x.mean()), "std": float(x.std()), "n": int(len(x))}
+def _describe(x: np.ndarray) -> dict[str, Any]:
+    """energy.describe's keys and numbers ({mean, std (population), q05, q25, q50, q75, q95, n},
+    linear quantiles) in numpy: this module imports no torch."""
+    q = np.percentile(x.astype(np.float64), QUANTILES)
+    return {"mean": float(x.mean()), "std": float(x.std()), **{f"q{p:02d}": float(v) for p, v in zip(QUANTILES, q)},
+            "n": int(len(x))}
 
 
 def compare_violins(
@@ -318,8 +331,8 @@ def compare_violins(
     order: labels left to right (a subset is fine); default ascending robust accuracy, models
         without it last. The violin shapes use values clipped to the panel's robust range (as in
         energy_histograms) so one outlier cannot flatten them; the JSON statistics use all values.
-    JSON: {"order": [...], "models": {label: {"robust_accuracy", "delta_energy": {"quantiles":
-    {"5", "25", "50", "75", "95"}, "mean", "std", "n"}, "delta_joint": {...}}}, "title": title}.
+    JSON: {"order": [...], "models": {label: {"robust_accuracy", "delta_energy": {"mean", "std", "q05",
+    "q25", "q50", "q75", "q95", "n"}, "delta_joint": {...}}}, "title": title}: energy.describe's keys.
     """
     out = _check_out(out)
     if not models:
@@ -375,7 +388,7 @@ def compare_violins(
     fig.suptitle(title or "energy gaps per model")
     data = {"title": title, "order": order, "models": {
         label: {"robust_accuracy": models[label].get("robust_accuracy"),
-                **{k: _summary(v) for k, v in values[label].items()}}
+                **{k: _describe(v) for k, v in values[label].items()}}
         for label in order}}
     return _save(fig, out, data)
 
