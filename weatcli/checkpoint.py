@@ -164,3 +164,17 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     return Checkpoint(path=path, model=model, config=cfg, metadata=meta, metrics=metrics, extra=extra)
+
+
+def stored_config(path: Path | str) -> RunConfig:
+    """The RunConfig a checkpoint was made with, from its metadata alone (no tensor is read): the
+    `stored` layer a command resolves its own config on (config.resolve_command)."""
+    path = Path(path)
+    _, meta = read(path, metadata_only=True)
+    if meta.get("format") != FORMAT:
+        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+    if "config" not in meta:
+        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no 'config'); expected the keys "
+                             f"{', '.join(REQUIRED_METADATA)}")
+    return validate(_json_metadata(path, meta, "config"), source=f"checkpoint: {path} config")
