@@ -29,7 +29,8 @@ from bench_throughput import count_flops
 from benchutil import environment, gib, parse_peak_override, peak_for, peak_memory, reset_peak_memory, timed, write_json
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.models import ARCHS, build
-from weatcli.sampling import DEFAULT_NOISE, DEFAULT_STEP_SIZE, DEFAULT_STEPS, sgld
+from weatcli.config import SampleConfig
+from weatcli.sampling import sgld
 from weatcli.runtime import configure_backends, resolve_device
 
 SHAPE, CLASSES = (3, 32, 32), 10
@@ -46,10 +47,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="SGLD steps per timed run (default 20 on CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 7 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per configuration (default 2 on CUDA, 1 on CPU)")
-    ap.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE)
+    ap.add_argument("--step-size", type=float, default=SampleConfig().step_size)
     ap.add_argument("--momentum", type=float, default=0.0)
-    ap.add_argument("--noise", type=float, default=DEFAULT_NOISE)
-    ap.add_argument("--project-steps", type=int, default=DEFAULT_STEPS, help="SGLD steps per sample of the projection")
+    ap.add_argument("--noise", type=float, default=SampleConfig().noise)
+    ap.add_argument("--project-steps", type=int, default=SampleConfig().steps, help="SGLD steps per sample of the projection")
     ap.add_argument("--peak-tflops", default=None, help="dense peak: one number, or e.g. bf16=989,fp32=494")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -94,7 +94,7 @@ def test_train_flags_reach_the_engine(captured, capsys):
         (["train", "--epochs", "many"], "epochs"),
         (["train", "--no-such-flag"], "no-such-flag"),
         (["attack", "model.safetensors"], "checkpoint: model.safetensors not found"),
-        (["sample", "model.safetensors", "--init", "gan"], "--init: unknown 'gan'"),
+        (["sample", "model.safetensors", "--init", "gan"], "checkpoint: model.safetensors not found"),  # its config first
         (["score", "nope.npz"], "SAMPLES: nope.npz not found"),
     ],
 )

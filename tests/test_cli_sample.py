@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, robust_checkpoint
-from weatcli import cli, sampling, scoring
+from weatcli import checkpoint as ckpt
+from weatcli import sampling, scoring
+from weatcli import config as config_mod
 
 
 
@@ -48,13 +50,14 @@ def test_sample_json(model_path, tmp_path, capsys):
     s = json.loads(out)
     assert code == 0 and s["n"] == 4 and 0 <= s["fraction_classified_as_asked"] <= 1
     assert {"seconds", "energy_final_mean", "files"} <= set(s) and s["files"]["grid"] == str(tmp_path / "g.png")
+    assert s["config"]["sample"]["steps"] == 4 and s["config"]["sample"]["init"] == "uniform"
 
 
-def test_sample_flags_reach_the_engine(monkeypatch, tmp_path, capsys):
-    seen = {}
+def fake_engine(seen: dict):
+    """Stands in for sample_checkpoint: records what the CLI passed it, returns a one-sample result."""
 
-    def fake(**kw):
-        seen.update(kw)
+    def fake(path, cfg, *, out=None, grid=None, on_event=None):
+        seen.update(path=path, cfg=cfg, out=out, grid=grid)
         torch = sampling.torch
         one, zero = torch.zeros(1, dtype=torch.long), torch.zeros(1)
         return sampling.SampleResult(samples=torch.zeros(1, 1, 2, 2, dtype=torch.uint8), labels=one, predictions=one,
@@ -63,31 +66,145 @@ def test_sample_flags_reach_the_engine(monkeypatch, tmp_path, capsys):
                                                                  "noise", "alpha", "seed")},
                                      files={"samples": "x.safetensors", "grid": "x.png"})
 
-    monkeypatch.setattr(sampling, "sample_checkpoint", fake)
-    code, out, _ = run_cli(["sample", "m.safetensors", "--sgld-steps", "30", "--n", "7", "--classes", "1,2", "--init", "pca",
+    return fake
+
+
+def test_sample_flags_reach_the_engine(model_path, monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(sampling, "sample_checkpoint", fake_engine(seen))
+    code, out, _ = run_cli(["sample", str(model_path), "--sgld-steps", "30", "--n", "7", "--classes", "1,2", "--init", "pca",
                         "--step-size", "1/20", "--momentum", "0.8", "--noise", "0.01", "--alpha", "1", "--pca-variance",
-                        "0.95", "--pca-sigma", "0.02", "--adaptive", "0.5", "--seed", "3"], capsys)
+                        "0.95", "--pca-sigma", "0.02", "--init-noise", "0.3", "--adaptive", "0.5", "--seed", "3",
+                        "--batch-size", "64", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o.safetensors")], capsys)
     assert code == 0 and out == "x.safetensors\n"
-    assert seen["checkpoint"] == Path("m.safetensors") and (seen["steps"], seen["n"], seen["classes"]) == (30, 7, "1,2")
-    assert seen["step_size"] == pytest.approx(0.05) and (seen["momentum"], seen["noise"], seen["alpha"]) == (0.8, 0.01, 1.0)
-    assert (seen["init"], seen["pca_variance"], seen["pca_sigma"], seen["adaptive"], seen["seed"]) == ("pca", 0.95, 0.02, 0.5, 3)
+    s = seen["cfg"].sample
+    assert seen["path"] == model_path and seen["out"] == tmp_path / "o.safetensors" and seen["grid"] is None
+    assert (s.steps, s.n, s.n_per_class, s.classes) == (30, 7, None, "1,2")
+    assert s.step_size == pytest.approx(0.05) and (s.momentum, s.noise, s.alpha) == (0.8, 0.01, 1.0)
+    assert (s.init, s.pca_variance, s.pca_sigma, s.init_noise, s.adaptive, s.seed, s.batch_size) == (
+        "pca", 0.95, 0.02, 0.3, 0.5, 3, 64)
+    assert seen["cfg"].data.data_dir == str(tmp_path) and seen["cfg"].data.dataset == "digits"  # the checkpoint's
     seen.clear()
-    assert run_cli(["sample", "m.safetensors"], capsys)[0] == 0
-    assert "step_size" not in seen  # unset: the engine's default applies
+    assert run_cli(["sample", str(model_path)], capsys)[0] == 0
+    assert seen["cfg"].sample == config_mod.SampleConfig()  # unset flags: the config's defaults apply
 
 
-def test_cli_defaults_are_the_engines(monkeypatch, capsys):
-    """The CLI spells its defaults out (torch stays unimported for --help): they must match the engine's."""
-    import inspect
+def option_help(command: list[str], flag: str, capsys) -> str:
+    """The --help text of one option of `weat COMMAND`, on one line."""
+    code, out, _ = run_cli([*command, "--help"], capsys)
+    text = " ".join(out.split())
+    start = text.index(f" {flag} ")
+    end = text.find(" --", start + len(flag) + 2)
+    return text[start:end]
 
-    engine = inspect.signature(sampling.sample_checkpoint).parameters
-    command = inspect.signature(cli.sample).parameters
-    pairs = {"sgld_steps": "steps", "init": "init", "momentum": "momentum", "noise": "noise", "pca_variance": "pca_variance",
-             "pca_sigma": "pca_sigma", "init_noise": "init_noise_std", "batch_size": "batch_size", "seed": "seed"}
-    for flag, param in pairs.items():
-        assert command[flag].default == engine[param].default, flag
-    assert f"default {sampling.DEFAULT_STEP_SIZE:g})" in run_cli(["sample", "--help"], capsys)[1]
-    assert f"default {sampling.DEFAULT_N_PER_CLASS})" in run_cli(["sample", "--help"], capsys)[1]
+
+@pytest.mark.parametrize("command,section,flags", [
+    (["sample"], config_mod.SampleConfig, {"--sgld-steps": "steps", "--init": "init", "--step-size": "step_size",
+                                           "--momentum": "momentum", "--noise": "noise", "--pca-variance": "pca_variance",
+                                           "--pca-sigma": "pca_sigma", "--init-noise": "init_noise",
+                                           "--batch-size": "batch_size", "--seed": "seed", "--device": "device"}),
+    (["score"], config_mod.ScoreConfig, {"--features": "features", "--batch-size": "batch_size", "--seed": "seed",
+                                         "--device": "device"}),
+])
+def test_help_shows_the_config_defaults(command, section, flags, capsys):
+    """Defaults live in config.py only: --help shows the model's value (torch stays unimported for --help)."""
+    for flag, name in flags.items():
+        assert f"[default: {section.model_fields[name].default}]" in option_help(command, flag, capsys), flag
+    assert "[default: fid,is,kid]" in option_help(["score"], "--metrics", capsys)
+    assert f"(default {config_mod.SAMPLE_N_PER_CLASS})" in option_help(["sample"], "--n-per-class", capsys)
+    assert "[default:" not in option_help(["sample"], "--alpha", capsys)  # None: sqrt(2 * eta), said in words
+
+
+def sample_json(model_path, tmp_path, capsys, *args):
+    code, out, err = run_cli(["sample", str(model_path), "--classes", "0,5", "--init", "uniform", "--device", "cpu",
+                              "--out", str(tmp_path / "s.safetensors"), "--json", *args], capsys)
+    assert code == 0, err
+    _, meta = ckpt.read(tmp_path / "s.safetensors", metadata_only=True)
+    return json.loads(out), json.loads(meta["settings"])
+
+
+def test_sample_set_changes_what_runs(model_path, tmp_path, capsys):
+    s, settings = sample_json(model_path, tmp_path, capsys, "--set", "sample.steps=3", "--set", "sample.n_per_class=2",
+                              "--set", "sample.momentum=0.5")
+    assert set(s["config"]) == {"data", "sample"} and s["config"]["data"]["dataset"] == "digits"
+    assert (s["config"]["sample"]["steps"], s["config"]["sample"]["n_per_class"]) == (3, 2)
+    assert s["n"] == 4 and s["mean_steps"] == 3.0 and (settings["steps"], settings["momentum"]) == (3, 0.5)
+    # --set comes after the flags: it wins over --sgld-steps.
+    s, _ = sample_json(model_path, tmp_path, capsys, "--sgld-steps", "5", "--set", "sample.steps=2", "--n", "2")
+    assert s["config"]["sample"]["steps"] == 2 and s["mean_steps"] == 2.0 and s["n"] == 2
+
+
+def test_sample_preset_section_applies_and_flags_win(model_path, tmp_path, capsys):
+    preset = tmp_path / "quick.toml"
+    preset.write_text('[sample]\nsteps = 2\nn_per_class = 1\nstep_size = "1/40"\n')
+    s, settings = sample_json(model_path, tmp_path, capsys, "--preset", str(preset))
+    assert (s["config"]["sample"]["steps"], s["n"], s["mean_steps"]) == (2, 2, 2.0)
+    assert s["step_size"] == settings["step_size"] == pytest.approx(0.025)
+    s, _ = sample_json(model_path, tmp_path, capsys, "-p", str(preset), "--sgld-steps", "4")
+    assert (s["config"]["sample"]["steps"], s["mean_steps"]) == (4, 4.0)
+
+
+def test_sample_reads_the_checkpoints_stored_config(model_path, tmp_path, capsys):
+    """The checkpoint's config is the layer under the flags: a [sample] section stored in it applies."""
+    tensors, meta = ckpt.read(model_path)
+    stored = json.loads(meta["config"])
+    stored["sample"].update(steps=1, n_per_class=3)
+    edited = tmp_path / "edited.safetensors"
+    ckpt.save(edited, tensors, {**meta, "config": json.dumps(stored)})
+    assert ckpt.stored_config(edited).sample.steps == 1
+    s, _ = sample_json(edited, tmp_path, capsys)
+    assert (s["config"]["sample"]["steps"], s["mean_steps"], s["n"]) == (1, 1.0, 6)
+
+
+def score_cli(monkeypatch, capsys, *args):
+    """`weat score` with score_samples replaced: (exit code, the config it got, stdout, stderr)."""
+    seen = {}
+
+    def fake(samples, cfg, *, on_event=None):
+        seen.update(samples=samples, cfg=cfg)
+        return scoring.ScoreResult(metrics={"fid": None, "kid": None, "is_mean": 1.0, "is_std": 0.0}, n=1,
+                                   n_reference=None, reference=None, features="inception", comparable=True, seconds=0.0,
+                                   reference_cached=None, config=cfg.model_dump(mode="json", include={"data", "score"}))
+
+    monkeypatch.setattr(scoring, "score_samples", fake)
+    code, out, err = run_cli(["score", "x.npz", *args], capsys)
+    return code, seen.get("cfg"), out, err
+
+
+def test_score_flags_preset_and_set_reach_the_engine(monkeypatch, tmp_path, capsys):
+    code, cfg, out, _ = score_cli(monkeypatch, capsys, "--metrics", "IS, fid", "--n", "5", "--download",
+                                  "--inception-weights", str(tmp_path / "w.pt"), "--data-dir", str(tmp_path), "--json")
+    assert code == 0 and cfg.score.metrics == ["is", "fid"] and cfg.score.n == 5
+    assert cfg.score.inception_weights == str(tmp_path / "w.pt")
+    assert cfg.data.download is True and cfg.data.data_dir == str(tmp_path)  # --download is data.download
+    assert json.loads(out)["config"]["score"]["metrics"] == ["is", "fid"]
+    code, cfg, _, _ = score_cli(monkeypatch, capsys)
+    assert code == 0 and cfg.score == config_mod.ScoreConfig() and cfg.data.download is False  # no checkpoint: defaults
+    preset = tmp_path / "p.toml"
+    preset.write_text('[score]\nmetrics = ["kid"]\nbatch_size = 7\n')
+    code, cfg, _, _ = score_cli(monkeypatch, capsys, "--preset", str(preset), "--set", "score.seed=4")
+    assert code == 0 and (cfg.score.metrics, cfg.score.batch_size, cfg.score.seed) == (["kid"], 7, 4)
+    code, cfg, _, _ = score_cli(monkeypatch, capsys, "-p", str(preset), "--metrics", "is", "--set", "score.metrics=fid")
+    assert code == 0 and cfg.score.metrics == ["fid"]  # defaults <- preset <- flags <- --set
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "score.batch_size=0"], "score.batch_size: Input should be greater than or equal to 1 (got 0)"),
+    (["--metrics", "fid,lpips"], "--metrics (score.metrics): unknown metric 'lpips'; expected a comma list of fid, is, kid"),
+    (["--n", "0"], "--n (score.n): Input should be greater than or equal to 1"),
+])
+def test_score_bad_settings_exit_2_before_any_work(monkeypatch, capsys, args, message):
+    code, cfg, out, err = score_cli(monkeypatch, capsys, *args)
+    assert code == 2 and cfg is None and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_json_echoes_its_config(model_path, tmp_path, capsys):
+    code, path, _ = run_cli(["sample", str(model_path), *small(tmp_path)], capsys)
+    code, out, _ = run_cli(["score", path.strip(), "--features", str(model_path), "--device", "cpu", "--metrics", "is",
+                            "--set", "score.seed=3", "--json"], capsys)
+    s = json.loads(out)
+    assert code == 0 and set(s["config"]) == {"data", "score"} and s["config"]["score"]["seed"] == 3
+    assert s["config"]["score"]["metrics"] == ["is"] and s["fid"] is None and s["is_mean"] >= 1.0
 
 
 def test_sample_without_checkpoint_uses_the_newest_run(model_path, tmp_path, monkeypatch, capsys):
@@ -105,9 +222,15 @@ def test_sample_without_checkpoint_uses_the_newest_run(model_path, tmp_path, mon
 
 @pytest.mark.parametrize("args,message", [
     (["--classes", "0,10"], "--classes: class 10 out of range"),
-    (["--init", "gan"], "--init: unknown 'gan'"),
-    (["--sgld-steps", "-1"], "--sgld-steps: -1"),
-    (["--step-size", "1/0"], "--step-size"),
+    (["--init", "gan"], "--init (sample.init): unknown starting point; expected one of uniform, informative, pca, noise "
+                        "(got 'gan')"),
+    (["--sgld-steps", "-1"], "--sgld-steps (sample.steps): Input should be greater than or equal to 0 (got -1)"),
+    (["--step-size", "1/0"], "--step-size (sample.step_size): expected a number or a fraction like 8/255"),
+    (["--n", "4", "--n-per-class", "2"], "--n (sample.n) and --n-per-class (sample.n_per_class) are both set; "
+                                         "expected one of them"),
+    (["--noise", "inf"], "--noise (sample.noise): Input should be a finite number"),
+    (["--set", "sample.momentum=1.5"], "sample.momentum: Input should be less than 1 (got 1.5)"),
+    (["--set", "sample.stpes=3"], "sample.stpes: unknown key; expected one of steps, n_per_class"),
 ])
 def test_sample_bad_input_is_one_line_and_exit_2(model_path, tmp_path, capsys, args, message):
     code, out, err = run_cli(["sample", str(model_path), "--device", "cpu", "--out", str(tmp_path / "s.safetensors"), *args],

@@ -1,10 +1,12 @@
 """SGLD sampling: the update of docs/science.md#sgld step by step, the four initialisations on
-synthetic classes with known statistics, adaptive stopping, and `sample_checkpoint` end to end on a
-small robust digits model trained once per session (shared with test_scoring / test_cli_sample).
+synthetic classes with known statistics, adaptive stopping, and `sample_checkpoint` end to end (with
+the config `weat sample` resolves) on a small robust digits model trained once per session (shared
+with test_scoring / test_cli_sample).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch.nn as nn
 
 from conftest import robust_checkpoint
 from weatcli import checkpoint as ckpt
+from weatcli import config as config_mod
 from weatcli import sampling
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.energy import joint_energy
@@ -249,10 +252,17 @@ def test_class_stats_are_cached_once_per_dataset(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- from a checkpoint
 
 
-def run_sampler(model_path: Path, tmp_path: Path, **kw) -> sampling.SampleResult:
-    args = dict(checkpoint=model_path, steps=5, n_per_class=2, classes="0,3,7", device="cpu", out=tmp_path / "s.safetensors")
-    args.update(kw)
-    return sampling.sample_checkpoint(**args)
+def sample_config(model_path: Path, **kw) -> config_mod.RunConfig:
+    """The config `weat sample` resolves: [sample] settings `kw` on the checkpoint's stored config."""
+    return config_mod.resolve_command(stored=ckpt.stored_config(model_path),
+                                      overrides={f"sample.{k}": v for k, v in kw.items()})
+
+
+def run_sampler(model_path: Path, tmp_path: Path, out: Path | None = None, **kw) -> sampling.SampleResult:
+    settings = dict(steps=5, n_per_class=2, classes="0,3,7", device="cpu")
+    settings.update(kw)
+    return sampling.sample_checkpoint(model_path, sample_config(model_path, **settings),
+                                      out=out or tmp_path / "s.safetensors")
 
 
 def test_sample_checkpoint_writes_samples_energies_and_a_grid(model_path, tmp_path):
@@ -296,12 +306,32 @@ def test_adaptive_stopping_from_a_checkpoint(model_path, tmp_path):
 @pytest.mark.parametrize("kw,match", [
     ({"classes": "0,12"}, "--classes: class 12 out of range"),
     ({"classes": "a,b"}, "--classes"),
-    ({"init": "gan"}, "--init: unknown 'gan'"),
-    ({"steps": -1}, "--sgld-steps: -1"),
-    ({"n": 5, "n_per_class": 2}, "--n-per-class and --n"),
-    ({"pca_variance": 1.5}, "--pca-variance"),
-    ({"step_size": 0.0}, "--step-size"),
+    ({"init": "gan"}, "sample.init: unknown starting point; expected one of uniform, informative, pca, noise"),
+    ({"steps": -1}, r"sample.steps: .*\(got -1\)"),
+    ({"n": 5, "n_per_class": 2}, "sample.n and sample.n_per_class are both set"),
+    ({"pca_variance": 1.5}, "sample.pca_variance"),
+    ({"step_size": 0.0}, "sample.step_size"),
+    ({"noise": float("inf")}, "sample.noise: Input should be a finite number"),
 ])
 def test_bad_input_names_the_field(model_path, tmp_path, kw, match):
+    """Settings are checked once, by SampleConfig; what needs the model (class indices) by the engine."""
     with pytest.raises(WeatInputError, match=match):
         run_sampler(model_path, tmp_path, **kw)
+
+
+def test_the_config_is_what_runs(model_path, tmp_path):
+    """Every [sample] setting reaches the sampler: the file's settings and the result's config echo."""
+    r = run_sampler(model_path, tmp_path, init=" PCA ", steps=3, n=5, n_per_class=None, classes=None, step_size="1/20", momentum=0.5,
+                    pca_variance=0.8, pca_sigma=0.01, batch_size=2, seed=9)
+    _, meta = ckpt.read(tmp_path / "s.safetensors", metadata_only=True)
+    settings = json.loads(meta["settings"])
+    assert (settings["init"], settings["steps"], settings["momentum"], settings["seed"]) == ("pca", 3, 0.5, 9)
+    assert settings["step_size"] == pytest.approx(0.05) and settings["alpha"] == pytest.approx(math.sqrt(0.1))
+    assert r.labels.tolist() == [0, 1, 2, 3, 4]  # n=5 over 10 classes: one each for the first five
+    assert set(r.config) == {"data", "sample"} and r.config["sample"]["pca_variance"] == 0.8
+    assert r.config["data"]["dataset"] == "digits" and r.summary()["config"] == r.config
+
+
+def test_default_count_per_class_comes_from_the_config(model_path, tmp_path):
+    r = run_sampler(model_path, tmp_path, init="uniform", steps=0, n_per_class=None, classes="2")
+    assert r.labels.tolist() == [2] * config_mod.SAMPLE_N_PER_CLASS

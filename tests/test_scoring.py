@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import robust_checkpoint
+from weatcli import checkpoint as ckpt
+from weatcli import config as config_mod
 from weatcli import data as data_mod
 from weatcli import sampling, scoring
 from weatcli.errors import WeatInputError
@@ -88,9 +90,19 @@ def test_inception_score_of_confident_distinct_classes_is_k():
 
 
 def test_metric_names_are_checked():
-    assert scoring.parse_metrics("fid, IS") == ["fid", "is"]
-    with pytest.raises(WeatInputError, match="--metrics: unknown 'precision'"):
-        scoring.parse_metrics("fid,precision")
+    """--metrics is a comma list, read once by ScoreConfig (a list from a preset or --set works too)."""
+    assert config_mod.resolve_command(overrides={"score.metrics": "fid, IS,fid"}).score.metrics == ["fid", "is"]
+    assert config_mod.resolve_command(sets=['score.metrics=["kid"]']).score.metrics == ["kid"]
+    with pytest.raises(WeatInputError, match="score.metrics: unknown metric 'precision'; expected a comma list"):
+        config_mod.resolve_command(overrides={"score.metrics": "fid,precision"})
+    with pytest.raises(WeatInputError, match="score.metrics: no metric"):
+        config_mod.resolve_command(overrides={"score.metrics": " , "})
+
+
+def score(samples, **settings) -> scoring.ScoreResult:
+    """score_samples with the config `weat score` resolves from [score] settings (no checkpoint)."""
+    return scoring.score_samples(samples, config_mod.resolve_command(
+        overrides={f"score.{k}": v for k, v in settings.items()}))
 
 
 # ----------------------------------------------------------------------------- image sets
@@ -143,21 +155,22 @@ def test_classifier_features_fid_against_itself_is_zero_and_grows_with_noise(mod
     for s in (0.0, 0.1, 0.3):
         noisy = (x.float() + 255 * s * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
         np.savez(tmp_path / f"noisy{s}.npz", images=noisy.numpy())
-        r = scoring.score_samples(samples=tmp_path / f"noisy{s}.npz", ref=str(tmp_path / "test.npz"),
-                                  metrics="fid,kid", features=str(model_path), device="cpu")
+        r = score(tmp_path / f"noisy{s}.npz", ref=str(tmp_path / "test.npz"), metrics="fid,kid",
+                  features=str(model_path), device="cpu")
         fids.append(r.metrics["fid"])
     assert fids[0] == pytest.approx(0.0, abs=1e-6) and fids[0] < fids[1] < fids[2]
     assert r.comparable is False and "not comparable" in r.notes[0]
 
 
 def test_reference_statistics_are_cached(model_path, tmp_path, monkeypatch):
-    s = sampling.sample_checkpoint(checkpoint=model_path, steps=2, n=30, init="uniform", device="cpu",
-                                   out=tmp_path / "s.safetensors")
+    cfg = config_mod.resolve_command(stored=ckpt.stored_config(model_path), overrides={
+        "sample.steps": 2, "sample.n": 30, "sample.init": "uniform", "sample.device": "cpu"})
+    s = sampling.sample_checkpoint(model_path, cfg, out=tmp_path / "s.safetensors")
     calls = []
     real = scoring.extract
     monkeypatch.setattr(scoring, "extract", lambda net, images, **kw: calls.append(len(images)) or real(net, images, **kw))
-    first = scoring.score_samples(samples=s.files["samples"], features=str(model_path), device="cpu")
-    second = scoring.score_samples(samples=s.files["samples"], features=str(model_path), device="cpu")
+    first = score(s.files["samples"], features=str(model_path), device="cpu")
+    second = score(s.files["samples"], features=str(model_path), device="cpu")
     assert calls == [1437, 30, 30]  # the training split once, the samples each time
     assert (first.reference_cached, second.reference_cached) == (False, True)
     assert first.summary()["fid"] == second.summary()["fid"] and first.reference.startswith("digits:train")
@@ -167,8 +180,7 @@ def test_reference_statistics_are_cached(model_path, tmp_path, monkeypatch):
 def test_features_checkpoint_must_fit_the_images(model_path, tmp_path):
     np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(WeatInputError, match="--features: .* takes 1x16x16 images; got 3x32x32"):
-        scoring.score_samples(samples=tmp_path / "rgb.npz", ref=str(tmp_path / "rgb.npz"), features=str(model_path),
-                              device="cpu")
+        score(tmp_path / "rgb.npz", ref=str(tmp_path / "rgb.npz"), features=str(model_path), device="cpu")
 
 
 # ----------------------------------------------------------------------------- Inception wiring
@@ -247,8 +259,8 @@ def test_inception_path_is_clean_fid_clean_mode(fake_inception):
 def test_score_with_an_inception_file(fake_inception, tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", images=x)
-    r = scoring.score_samples(samples=tmp_path / "a.npz", ref=str(tmp_path / "a.npz"),
-                              inception_weights=fake_inception, device="cpu", batch_size=16)
+    r = score(tmp_path / "a.npz", ref=str(tmp_path / "a.npz"), inception_weights=str(fake_inception), device="cpu",
+              batch_size=16)
     s = r.summary()
     assert s["fid"] == pytest.approx(0.0, abs=1e-6) and abs(s["kid"]) < 1e-3 and 1.0 <= s["is_mean"] <= 5.0
     assert s["features"] == "inception" and s["comparable_with_inception"] is True and s["n"] == 40

@@ -133,13 +133,18 @@ def _int_metadata(path: Path, meta: dict[str, str], key: str) -> int:
     return value
 
 
+def _check_format(path: Path, meta: dict[str, str]) -> None:
+    if meta.get("format") != FORMAT:
+        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+
+
 def stored_config(path: Path | str) -> RunConfig:
     """The RunConfig a checkpoint was made with, from its metadata alone (no tensor is read): what a
     command resolves its own config on top of (config.resolve_command), before any slow work."""
     path = Path(path)
     _, meta = read(path, metadata_only=True)
-    if meta.get("format") != FORMAT:
-        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    _check_format(path, meta)
     if "config" not in meta:
         raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no 'config'); expected the keys "
                              f"{', '.join(REQUIRED_METADATA)}")
@@ -152,8 +157,7 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
 
     path = Path(path)
     tensors, meta = read(path)
-    if meta.get("format") != FORMAT:
-        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    _check_format(path, meta)
     missing_keys = [k for k in REQUIRED_METADATA if k not in meta]
     if missing_keys:
         raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no {', '.join(map(repr, missing_keys))}); "

@@ -424,61 +424,62 @@ def _checkpoint_or_newest(ckpt: Optional[Path]) -> Path:
     return path
 
 
+_SAMPLE, _SCORE = config_mod.SampleConfig, config_mod.ScoreConfig  # [sample] and [score]: defaults and help
+
+
 @app.command()
 def sample(
     ckpt: Annotated[Optional[Path], typer.Argument(
         metavar="CKPT", help="Checkpoint (model.safetensors); default: the newest runs/*/model.safetensors.")] = None,
-    sgld_steps: Annotated[int, typer.Option(help="SGLD steps per sample.")] = 200,
-    n_per_class: Annotated[Optional[int], typer.Option(help="Samples per class (default 10).")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Samples in all, split evenly over the classes (instead of --n-per-class).")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="Wanted classes, e.g. 0,3,7 (default all).")] = None,
-    init: Annotated[str, typer.Option(
-        help="Starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + 1e-4 I)), pca (the paper's "
-        "class-wise PCA) or noise (a training image plus Gaussian noise).")] = "informative",
-    step_size: Annotated[Optional[str], typer.Option(help="eta, the SGLD step; fractions allowed (default 0.1).")] = None,
-    momentum: Annotated[float, typer.Option(help="zeta, the momentum; 0 is plain SGLD (the paper also uses 0.8).")] = 0.0,
-    noise: Annotated[float, typer.Option(help="sigma, the std of the SGLD noise.")] = 0.001,
-    alpha: Annotated[Optional[float], typer.Option(help="Scale of the noise term (default sqrt(2 * eta)).")] = None,
-    pca_variance: Annotated[float, typer.Option(help="pca init: fraction r of each class's variance kept.")] = 0.9,
-    pca_sigma: Annotated[float, typer.Option(help="pca init: sigma_pca, scale of the singular values.")] = 0.005,
-    init_noise: Annotated[float, typer.Option(help="noise init: std of the noise added to the real image.")] = 0.1,
-    adaptive: Annotated[Optional[float], typer.Option(
-        help="Stop a sample once its E(x,y) is within this many energy units of its class's mean E(x,y) on the training "
-        "data (or below it).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per SGLD batch.")] = 500,
-    seed: Annotated[int, typer.Option(help="Random seed (starting points and SGLD noise).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    preset: PresetOpt = None,
+    sgld_steps: Annotated[Optional[int], cfg_option(_SAMPLE, "steps", "--sgld-steps")] = None,
+    n_per_class: Annotated[Optional[int], cfg_option(_SAMPLE, "n_per_class")] = None,
+    n: Annotated[Optional[int], cfg_option(_SAMPLE, "n", "--n")] = None,
+    classes: Annotated[Optional[str], cfg_option(_SAMPLE, "classes")] = None,
+    init: Annotated[Optional[str], cfg_option(_SAMPLE, "init")] = None,
+    step_size: Annotated[Optional[str], cfg_option(_SAMPLE, "step_size")] = None,
+    momentum: Annotated[Optional[float], cfg_option(_SAMPLE, "momentum")] = None,
+    noise: Annotated[Optional[float], cfg_option(_SAMPLE, "noise")] = None,
+    alpha: Annotated[Optional[float], cfg_option(_SAMPLE, "alpha")] = None,
+    pca_variance: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_variance")] = None,
+    pca_sigma: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_sigma")] = None,
+    init_noise: Annotated[Optional[float], cfg_option(_SAMPLE, "init_noise")] = None,
+    adaptive: Annotated[Optional[float], cfg_option(_SAMPLE, "adaptive")] = None,
+    batch_size: Annotated[Optional[int], cfg_option(_SAMPLE, "batch_size")] = None,
+    seed: Annotated[Optional[int], cfg_option(_SAMPLE, "seed")] = None,
+    device: Annotated[Optional[str], cfg_option(_SAMPLE, "device")] = None,
     data_dir: DataDirOpt = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Samples file (default <checkpoint dir>/samples-<init>.safetensors).")] = None,
     grid: Annotated[Optional[Path], typer.Option(help="PNG grid, one row per class (default: --out with .png).")] = None,
     devices: DevicesOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate images from a robust classifier: SGLD with momentum on the joint energy E(x,y).
 
     Writes the samples (uint8), their labels and initial / final E(x,y) to a safetensors file and a
     PNG grid (first 10 per class); prints the samples path, so `weat score "$(weat sample)"` works.
+    Settings: the [sample] defaults <- the checkpoint's stored config <- --preset <- flags <- --set.
     """
 
     def body() -> None:
+        from . import checkpoint as ckpt_mod
         from .sampling import sample_checkpoint
 
-        kwargs: dict[str, Any] = {}
-        if step_size is not None:
-            try:
-                kwargs["step_size"] = config_mod.parse_fraction(step_size)
-            except ValueError as e:
-                raise WeatInputError(f"--step-size: {e}") from None
         path = _checkpoint_or_newest(ckpt)
-        _launch_if_asked(devices, device)
+        overrides = {
+            "sample.steps": sgld_steps, "sample.n_per_class": n_per_class, "sample.n": n, "sample.classes": classes,
+            "sample.init": init, "sample.step_size": step_size, "sample.momentum": momentum, "sample.noise": noise,
+            "sample.alpha": alpha, "sample.pca_variance": pca_variance, "sample.pca_sigma": pca_sigma,
+            "sample.init_noise": init_noise, "sample.adaptive": adaptive, "sample.batch_size": batch_size,
+            "sample.seed": seed, "sample.device": device, "data.data_dir": data_dir,
+        }
+        cfg = _resolve(config_mod.resolve_command, overrides, flag_names={"sample.steps": "--sgld-steps"},
+                       stored=ckpt_mod.stored_config(path), preset=preset, sets=set_)
+        _launch_if_asked(devices, cfg.sample.device)
         with _ranks_done(), (ui.StepDisplay() if _main_rank() else nullcontext()) as display:
-            result = sample_checkpoint(
-                checkpoint=path, steps=sgld_steps, n_per_class=n_per_class, n=n, classes=classes, init=init,
-                momentum=momentum, noise=noise, alpha=alpha, pca_variance=pca_variance, pca_sigma=pca_sigma,
-                init_noise_std=init_noise, adaptive=adaptive, batch_size=batch_size, seed=seed, device=device,
-                data_dir=data_dir, out=out, grid=grid, on_event=display, **kwargs,
-            )
+            result = sample_checkpoint(path, cfg, out=out, grid=grid, on_event=display)
         if not _main_rank():
             return
         s = result.summary()
@@ -497,38 +498,39 @@ def sample(
 def score(
     samples: Annotated[Path, typer.Argument(
         metavar="SAMPLES", help="A 'weat sample' .safetensors file, an .npz of images or a folder of PNGs.")],
-    ref: Annotated[Optional[str], typer.Option(
-        help="Reference set: DATASET[:split] (default: the training split of the samples' dataset), a folder of "
-        "images or a .safetensors / .npz file.")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma list of fid, is, kid.")] = "fid,is,kid",
-    n: Annotated[Optional[int], typer.Option("--n", help="Score a fixed random subset of N samples (default all).")] = None,
-    features: Annotated[str, typer.Option(
-        help="inception (clean-fid's Inception-v3, clean mode) or a weat checkpoint: its penultimate features and "
-        "softmax (not comparable with Inception-based numbers).")] = "inception",
-    inception_weights: Annotated[Optional[Path], typer.Option(
-        help="Local inception-2015-12-05.pt (default $WEAT_INCEPTION_WEIGHTS); nothing is downloaded then.")] = None,
+    preset: PresetOpt = None,
+    ref: Annotated[Optional[str], cfg_option(_SCORE, "ref")] = None,
+    metrics: Annotated[Optional[str], cfg_option(_SCORE, "metrics")] = None,
+    n: Annotated[Optional[int], cfg_option(_SCORE, "n", "--n")] = None,
+    features: Annotated[Optional[str], cfg_option(_SCORE, "features")] = None,
+    inception_weights: Annotated[Optional[Path], cfg_option(_SCORE, "inception_weights")] = None,
     download: Annotated[bool, typer.Option(
         "--download", help="Allow downloading the Inception weights or a missing reference dataset.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 100,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[Optional[int], cfg_option(_SCORE, "batch_size")] = None,
+    device: Annotated[Optional[str], cfg_option(_SCORE, "device")] = None,
     data_dir: DataDirOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --n subset, the IS split shuffle and the KID subsets.")] = 0,
+    seed: Annotated[Optional[int], cfg_option(_SCORE, "seed")] = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """FID and KID (clean-fid, clean mode) against a reference set, and the Inception Score (10 splits).
 
     Reference statistics are cached ($WEAT_CACHE_DIR, else ~/.cache/weat), so a second call is fast.
+    Settings: the [score] defaults <- --preset <- flags <- --set (--download is data.download).
     """
 
     def body() -> None:
         from .scoring import score_samples
 
+        overrides = {
+            "score.ref": ref, "score.metrics": metrics, "score.n": n, "score.features": features,
+            "score.inception_weights": None if inception_weights is None else str(inception_weights),
+            "score.batch_size": batch_size, "score.device": device, "score.seed": seed,
+            "data.data_dir": data_dir, "data.download": download or None,
+        }
+        cfg = _resolve(config_mod.resolve_command, overrides, preset=preset, sets=set_)
         with ui.StepDisplay() as display:
-            result = score_samples(
-                samples=samples, ref=ref, metrics=metrics, n=n, features=features, inception_weights=inception_weights,
-                download=download, batch_size=batch_size, device=device, data_dir=data_dir, seed=seed,
-                on_event=display,
-            )
+            result = score_samples(samples, cfg, on_event=display)
         if as_json:
             _emit_json(result.summary())
         else:

@@ -275,25 +275,61 @@ class LensConfig(_Section):
         return out
 
 
+# `weat sample` without n or n_per_class: this many samples of each wanted class.
+SAMPLE_N_PER_CLASS = 10
+# The cached class statistics keep the leading principal components that hold this fraction of a
+# class's variance (sampling.SVD_KEEP), so the pca init can keep at most that fraction.
+PCA_VARIANCE_MAX = 0.9999
+
+
+def _sample_init(value: Any) -> Any:
+    """` PCA ` -> `pca`; an unknown name is refused here with the names allowed."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value not in SAMPLE_INITS:
+            raise ValueError(f"unknown starting point; expected one of {', '.join(SAMPLE_INITS)}")
+    return value
+
+
+def _metric_list(value: Any) -> Any:
+    """`fid, IS` (the --metrics comma list) or a list -> ["fid", "is"]: lower case, each name once."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return value  # pydantic names the wrong type
+    names = [str(m).strip().lower() for m in items if str(m).strip()]
+    bad = [m for m in names if m not in SCORE_METRICS]
+    if bad:
+        raise ValueError(f"unknown metric {bad[0]!r}; expected a comma list of {', '.join(SCORE_METRICS)}")
+    if not names:
+        raise ValueError(f"no metric; expected a comma list of {', '.join(SCORE_METRICS)}")
+    return list(dict.fromkeys(names))
+
+
 class SampleConfig(_Section):
-    """`weat sample`: SGLD with momentum on the joint energy E(x, y) (docs/science.md#sgld)."""
+    """`weat sample`: SGLD with momentum on the joint energy E(x, y) (docs/science.md#sgld).
+
+    Step size, noise and energies are in [0, 1] pixel units and energy units (E = -logit)."""
 
     steps: int = Field(200, ge=0, le=1_000_000, description="SGLD steps per sample")
-    n_per_class: int | None = Field(None, ge=1, description="samples per class (default 10)")
+    n_per_class: int | None = Field(None, ge=1, description=f"samples per class (default {SAMPLE_N_PER_CLASS})")
     n: int | None = Field(None, ge=1, description="samples in all, split evenly over the classes (instead of n_per_class)")
     classes: str | None = Field(None, description="wanted classes, e.g. 0,3,7 (default all)")
-    init: Literal[SAMPLE_INITS] = Field(  # type: ignore[valid-type]
+    init: Annotated[Literal[SAMPLE_INITS], BeforeValidator(_sample_init)] = Field(  # type: ignore[valid-type]
         "informative", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
         "1e-4 I)), pca (the paper's class-wise PCA) or noise (a training image plus Gaussian noise)")
-    step_size: Frac = Field(0.1, gt=0, description="eta, the SGLD step; fractions allowed")
-    momentum: float = Field(0.0, ge=0, lt=1, description="zeta, the momentum; 0 is plain SGLD (the paper also uses 0.8)")
-    noise: float = Field(0.001, ge=0, description="sigma, the std of the SGLD noise")
-    alpha: float | None = Field(None, ge=0, description="scale of the noise term (default sqrt(2 * eta))")
-    pca_variance: float = Field(0.9, gt=0, le=0.9999, description="pca init: fraction r of each class's variance kept")
-    pca_sigma: float = Field(0.005, ge=0, description="pca init: sigma_pca, scale of the singular values")
-    init_noise: float = Field(0.1, ge=0, description="noise init: std of the noise added to the real image")
-    adaptive: float | None = Field(None, description="stop a sample once its E(x,y) is within this many energy units "
-                                   "of its class's mean E(x,y) on the training data (or below it)")
+    step_size: Frac = Field(0.1, gt=0, description="the SGLD step eta; fractions allowed")
+    momentum: float = Field(0.0, ge=0, lt=1, description="the momentum zeta; 0 is plain SGLD (the paper also uses 0.8)")
+    noise: float = Field(0.001, ge=0, allow_inf_nan=False, description="the std sigma of the SGLD noise")
+    alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                description="scale of the noise term (default sqrt(2 * eta))")
+    pca_variance: float = Field(0.9, gt=0, le=PCA_VARIANCE_MAX,
+                                description="PCA init: fraction r of each class's variance kept")
+    pca_sigma: float = Field(0.005, ge=0, allow_inf_nan=False,
+                             description="PCA init: sigma_pca, scale of the singular values")
+    init_noise: float = Field(0.1, ge=0, allow_inf_nan=False,
+                              description="noise init: std of the noise added to the real image")
+    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) is within "
+                                   "this many energy units of its class's mean E(x,y) on the training data (or below it)")
     batch_size: int = Field(500, ge=1, description="samples per SGLD batch")
     seed: int = Field(0, ge=0, description="random seed (starting points and SGLD noise)")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
@@ -301,17 +337,19 @@ class SampleConfig(_Section):
     @model_validator(mode="after")
     def _one_count(self) -> SampleConfig:
         if self.n is not None and self.n_per_class is not None:
-            raise ValueError("give n or n_per_class, not both")
+            # The CLI turns " sample.n " into " --n (sample.n) " when the flag set it.
+            raise ValueError("sample.n and sample.n_per_class are both set; expected one of them")
         return self
 
 
 class ScoreConfig(_Section):
-    """`weat score`: FID / KID / IS of samples against a reference set."""
+    """`weat score`: FID / KID / IS of samples against a reference set (the reference's dataset root
+    and whether it may be downloaded are [data] data_dir and download)."""
 
     ref: str | None = Field(None, description="reference set: DATASET[:split] (default: the training split of the "
                             "samples' dataset), a folder of images or a .safetensors / .npz file")
-    metrics: list[Literal[SCORE_METRICS]] = Field(  # type: ignore[valid-type]
-        ["fid", "is", "kid"], description="any of fid, is, kid")
+    metrics: Annotated[list[Literal[SCORE_METRICS]], BeforeValidator(_metric_list)] = Field(  # type: ignore[valid-type]
+        ["fid", "is", "kid"], description="comma list of fid, is, kid")
     n: int | None = Field(None, ge=1, description="score a fixed random subset of N samples (default all)")
     features: str = Field("inception", description="inception (clean-fid's Inception-v3, clean mode) or a weat "
                           "checkpoint: its penultimate features and softmax (not comparable with Inception numbers)")

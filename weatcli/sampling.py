@@ -7,7 +7,7 @@ with E(x, y) = -f(x)_y, the model in eval mode with frozen weights. zeta = 0 is 
 alpha defaults to sqrt(2 * eta). Starting points (`INITS`): uniform U(0,1); informative
 N(mu_c, Sigma_c + 1e-4 I); the paper's class-wise PCA; a real training image plus Gaussian noise.
 Optional energy-adaptive stopping freezes a sample once E(x, y) has come within a threshold of the
-class-mean E(x, y) of the training data.
+class-mean E(x, y) of the training data. The settings and their defaults are config.SampleConfig's.
 
 Engine rules (docs/design.md#engine-rules): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
 garbage collection or cache emptying inside the step loop; randomness from explicit generators.
@@ -28,32 +28,22 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .config import PCA_VARIANCE_MAX, SAMPLE_INITS, SAMPLE_N_PER_CLASS, RunConfig, SampleConfig
 from .energy import joint_energy
 from .errors import WeatInputError
 from .fileio import check_writable, file_digest
 from .runtime import EventFn, Stream, eval_device, generator_for, ignore_event, tensor_digest
 
 
-INITS = ("uniform", "informative", "pca", "noise")
+INITS = SAMPLE_INITS
 INFORMATIVE_JITTER = 1e-4  # Sigma_c + 1e-4 I: keeps the Gaussian proper where a class has no variance
 # The cached per-class SVD keeps the leading components holding this fraction of the class variance;
 # the rest (1e-4 of it) is far below the 1e-4 * D of the informative jitter, so the informative
-# Gaussian is unchanged to that precision, and --pca-variance may go up to this value.
-SVD_KEEP = 0.9999
+# Gaussian is unchanged to that precision, and sample.pca_variance may go up to this value.
+SVD_KEEP = PCA_VARIANCE_MAX
 STATS_FORMAT = "weat-class-stats/1"
 SAMPLES_FORMAT = "weat-samples/1"
 GRID_COLUMNS = 10  # samples per class shown in the grid
-
-# Defaults, chosen on the digits models made by `weat train` (README: sampling); the paper uses
-# eta 0.025..1 depending on model and init, sigma 0.001, zeta 0 or 0.8, 20..500 steps.
-DEFAULT_STEPS = 200
-DEFAULT_STEP_SIZE = 0.1  # eta, in [0,1] pixel units per unit of energy gradient
-DEFAULT_NOISE = 0.001  # sigma
-DEFAULT_INIT = "informative"
-DEFAULT_PCA_VARIANCE = 0.9  # r: fraction of a class's variance the PCA init keeps
-DEFAULT_PCA_SIGMA = 0.005  # sigma_pca, scales the singular values of the centred class data
-DEFAULT_INIT_NOISE = 0.1  # std of the Gaussian noise added to a real image by the noise init
-DEFAULT_N_PER_CLASS = 10
 ENERGY_IMAGES_PER_CLASS = 1000  # training images per class behind the class-mean E(x, y)
 
 
@@ -79,8 +69,8 @@ def sgld(
     *,
     steps: int,
     step_size: float,
-    momentum: float = 0.0,
-    noise: float = DEFAULT_NOISE,
+    momentum: float = SampleConfig.model_fields["momentum"].default,
+    noise: float = SampleConfig.model_fields["noise"].default,
     alpha: float | None = None,
     stop_energy: torch.Tensor | None = None,
     threshold: float | None = None,
@@ -298,6 +288,7 @@ class SampleResult:
     seconds: float
     settings: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved [data] and [sample] sections, as JSON
 
     @property
     def fraction_as_asked(self) -> float:
@@ -318,6 +309,7 @@ class SampleResult:
             "mean_steps": float(self.steps_taken.float().mean()),
             **{k: self.settings[k] for k in ("checkpoint", "init", "steps", "step_size", "momentum", "noise", "alpha", "seed")},
             "files": dict(self.files),
+            "config": dict(self.config),
         }
 
 
@@ -343,42 +335,15 @@ def parse_classes(value: str | Sequence[int] | None, num_classes: int) -> list[i
 
 
 def wanted_labels(classes: list[int], n_per_class: int | None, n: int | None) -> torch.Tensor:
-    """Labels grouped by class in `classes` order: n_per_class each, or n split as evenly as possible."""
-    if n_per_class is not None and n is not None:
-        raise WeatInputError("--n-per-class and --n: give one of them, not both")
+    """Labels grouped by class in `classes` order: n_per_class each (SAMPLE_N_PER_CLASS when neither
+    count is given), or n split as evenly as possible, the first n mod K classes getting one more.
+    The counts were validated by SampleConfig (>= 1, not both). -> (N,) int64"""
     if n is not None:
-        if n < 1:
-            raise WeatInputError(f"--n: {n}; expected an integer >= 1")
         base, extra = divmod(n, len(classes))
         counts = [base + (i < extra) for i in range(len(classes))]
     else:
-        k = DEFAULT_N_PER_CLASS if n_per_class is None else n_per_class
-        if k < 1:
-            raise WeatInputError(f"--n-per-class: {k}; expected an integer >= 1")
-        counts = [k] * len(classes)
+        counts = [SAMPLE_N_PER_CLASS if n_per_class is None else n_per_class] * len(classes)
     return torch.cat([torch.full((c,), cls, dtype=torch.int64) for cls, c in zip(classes, counts)])
-
-
-def _check_settings(*, init: str, steps: int, step_size: float, momentum: float, noise: float, alpha: float | None,
-                    pca_variance: float, pca_sigma: float, init_noise_std: float, adaptive: float | None,
-                    batch_size: int) -> None:
-    if init not in INITS:
-        raise WeatInputError(f"--init: unknown {init!r}; expected one of {', '.join(INITS)}")
-    checks = [
-        ("--sgld-steps", steps, steps >= 0, "an integer >= 0"),
-        ("--step-size", step_size, math.isfinite(step_size) and step_size > 0, "a number > 0"),
-        ("--momentum", momentum, 0 <= momentum < 1, "a number in [0, 1)"),
-        ("--noise", noise, math.isfinite(noise) and noise >= 0, "a number >= 0"),
-        ("--alpha", alpha, alpha is None or (math.isfinite(alpha) and alpha >= 0), "a number >= 0"),
-        ("--pca-variance", pca_variance, 0 < pca_variance <= SVD_KEEP, f"a fraction in (0, {SVD_KEEP}]"),
-        ("--pca-sigma", pca_sigma, math.isfinite(pca_sigma) and pca_sigma >= 0, "a number >= 0"),
-        ("--init-noise", init_noise_std, math.isfinite(init_noise_std) and init_noise_std >= 0, "a number >= 0"),
-        ("--adaptive", adaptive, adaptive is None or math.isfinite(adaptive), "a finite number (energy units)"),
-        ("--batch-size", batch_size, batch_size >= 1, "an integer >= 1"),
-    ]
-    for flag, value, ok, expected in checks:
-        if not ok:
-            raise WeatInputError(f"{flag}: {value!r}; expected {expected}")
 
 
 @torch.no_grad()
@@ -430,158 +395,169 @@ def save_samples(path: Path, result: SampleResult) -> None:
     ckpt_mod.save(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
 
 
-def sample_checkpoint(
-    *,
-    checkpoint: Path | str,
-    steps: int = DEFAULT_STEPS,
-    n_per_class: int | None = None,
-    n: int | None = None,
-    classes: str | Sequence[int] | None = None,
-    init: str = DEFAULT_INIT,
-    step_size: float = DEFAULT_STEP_SIZE,
-    momentum: float = 0.0,
-    noise: float = DEFAULT_NOISE,
-    alpha: float | None = None,
-    pca_variance: float = DEFAULT_PCA_VARIANCE,
-    pca_sigma: float = DEFAULT_PCA_SIGMA,
-    init_noise_std: float = DEFAULT_INIT_NOISE,
-    adaptive: float | None = None,
-    batch_size: int = 500,
-    seed: int = 0,
-    device: str = "auto",
-    data_dir: str | None = None,
-    out: Path | str | None = None,
-    grid: Path | str | None = None,
-    on_event: EventFn | None = None,
-) -> SampleResult:
-    """`weat sample`: SGLD samples of the wanted classes from a checkpoint, saved with a grid.
+# ----------------------------------------------------------------------------- sample_checkpoint's steps
 
-    Defaults: every class, DEFAULT_N_PER_CLASS samples each, the DEFAULT_* settings above; `out`
-    defaults to <checkpoint dir>/samples-<init>.safetensors and `grid` to `out` with .png (its
-    numbers go next to it as .json). The training data are loaded only for the informative, pca and
-    noise inits and for adaptive stopping. Randomness: init from generator (seed, 0), SGLD noise
-    from (seed, 1, batch index).
-    """
-    from . import checkpoint as ckpt_mod
-    from . import data as data_mod
-    from .attacks import attack_mode, folded_eval_model
-    from .plots import sample_grid
 
-    emit = on_event or ignore_event
-    init = init.strip().lower() if isinstance(init, str) else init
-    _check_settings(init=init, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
-                    pca_variance=pca_variance, pca_sigma=pca_sigma, init_noise_std=init_noise_std, adaptive=adaptive,
-                    batch_size=batch_size)
-    checkpoint = Path(checkpoint)
+def resolve_outputs(checkpoint: Path, init: str, out: Path | str | None,
+                    grid: Path | str | None) -> tuple[Path, Path]:
+    """--out (default <checkpoint dir>/samples-<init>.safetensors) and --grid (default --out with
+    .png), both checked writable before any work."""
     out = Path(out) if out is not None else checkpoint.parent / f"samples-{init}.safetensors"
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
     check_writable("--out", out)
     check_writable("--grid", grid)
     if grid.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise WeatInputError(f"--grid: {grid}; expected a .png, .pdf or .svg file name")
+    return out, grid
+
+
+def load_training_data(cfg: RunConfig, checkpoint: Path, shape: tuple[int, int, int], wanted: list[int]) -> Any:
+    """The training split (uint8, on the CPU) when the init or adaptive stopping needs it, else None.
+
+    Bad input before any slow work: a dataset whose images are not the model's (C, H, W), or a
+    wanted class without training images for a data-driven init."""
+    from . import data as data_mod
+
+    s, dataset = cfg.sample, cfg.data.dataset
+    if s.init == "uniform" and s.adaptive is None:
+        return None
+    ds = data_mod.load(dataset, cfg.data.data_dir, download=cfg.data.download, device="cpu")
+    if (ds.in_channels, ds.image_size) != shape[:2]:
+        raise WeatInputError(f"checkpoint: {checkpoint} expects {shape} images; its dataset {dataset} has "
+                             f"{ds.in_channels}x{ds.image_size}x{ds.image_size}")
+    missing = [c for c in wanted if not bool((ds.train_y == c).any())]
+    if missing and s.init in ("informative", "pca", "noise"):
+        raise WeatInputError(f"--classes: class {missing[0]} has no training images in {dataset}; use --init uniform")
+    return ds
+
+
+@dataclass
+class StartingPoints:
+    """Draws x_0 (B, C, H, W) in [0, 1] for labels y with `init` (docs/science.md#sgld): from the
+    class statistics (informative, pca) or the training images (noise) on the sampling device."""
+
+    init: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    settings: SampleConfig  # pca_variance, pca_sigma, init_noise
+    stats: ClassStats | None = None  # informative, pca
+    x_train: torch.Tensor | None = None  # noise: (N, C, H, W) uint8
+    y_train: torch.Tensor | None = None  # noise: (N,) int64
+
+    def draw(self, y: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        s = self.settings
+        if self.init == "uniform":
+            return init_uniform(y, self.shape, generator=generator, device=device)
+        if self.init == "informative":
+            return init_informative(y, self.stats, generator=generator)
+        if self.init == "pca":
+            return init_pca(y, self.stats, variance=s.pca_variance, sigma=s.pca_sigma, generator=generator)
+        return init_noise(y, self.x_train, self.y_train, std=s.init_noise, generator=generator)
+
+
+def starting_points(ds: Any, s: SampleConfig, num_classes: int, shape: tuple[int, int, int], dataset: str,
+                    device: torch.device, emit: EventFn) -> StartingPoints:
+    """The class statistics (cached per dataset) for the informative and pca inits, the training
+    images for the noise init; nothing more for uniform."""
+    start = StartingPoints(s.init, shape, s)
+    if s.init in ("informative", "pca"):
+        k = max(num_classes, ds.num_classes)
+        start.stats = class_stats(ds.train_x, ds.train_y, k, name=dataset, on_event=emit).to(device)
+    elif s.init == "noise":
+        start.x_train, start.y_train = ds.train_x.to(device), ds.train_y.to(device)
+    return start
+
+
+def stopping_thresholds(model: nn.Module, ds: Any, checkpoint: Path, num_classes: int, wanted: list[int],
+                        s: SampleConfig, device: torch.device) -> torch.Tensor | None:
+    """Adaptive stopping's class-mean E(x, y) over the training images, (K,) on `device`, cached by
+    checkpoint and data content; None without --adaptive."""
+    if s.adaptive is None:
+        return None
+    data_key = tensor_digest([("x", ds.train_x), ("y", ds.train_y)])
+    key = f"{file_digest(checkpoint)[:16]}-{data_key[:16]}"
+    stop = class_energy_means(model, ds.train_x, ds.train_y, num_classes, batch_size=s.batch_size, key=key).to(device)
+    bad = [c for c in wanted if not math.isfinite(float(stop[c]))]
+    if bad:
+        raise WeatInputError(f"--adaptive: class {bad[0]} has no training images to take its mean energy from")
+    return stop
+
+
+def sample_settings(checkpoint: Path, cfg: RunConfig, num_classes: int, wanted: list[int]) -> dict[str, Any]:
+    """What a samples file records in its metadata ("settings"): the sampler's settings, alpha resolved."""
+    s = cfg.sample
+    return {"checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir,
+            "num_classes": num_classes, "classes": wanted, "init": s.init, "steps": s.steps, "step_size": s.step_size,
+            "momentum": s.momentum, "noise": s.noise, "alpha": math.sqrt(2 * s.step_size) if s.alpha is None else s.alpha,
+            "pca_variance": s.pca_variance, "pca_sigma": s.pca_sigma, "init_noise": s.init_noise,
+            "adaptive": s.adaptive, "batch_size": s.batch_size, "seed": s.seed}
+
+
+Batches = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # uint8 samples, E(x_0, y), steps taken
+
+
+def sgld_batches(model: nn.Module, labels: torch.Tensor, starts: StartingPoints, stop: torch.Tensor | None,
+                 s: SampleConfig, ctx: Any, device: torch.device, emit: EventFn) -> Batches:
+    """SGLD on this rank's consecutive share of the batches of `labels` (all of them in one process).
+
+    Every batch's starting points are drawn, in order, from the one Stream.SAMPLE_INIT generator
+    (a batch another rank runs is drawn and dropped, to keep that generator in step) and batch b's
+    noise comes from (Stream.SGLD_NOISE, b): the samples do not depend on the number of ranks.
+    BatchNorm is folded into the convolutions for the steps (the same function with fewer ops);
+    reported energies and predictions come from the checkpoint's own model (measure_samples).
+    """
+    from .attacks import attack_mode, folded_eval_model
+
+    total, size = len(labels), s.batch_size
+    batches = math.ceil(total / size)
+    mine = range(batches)[ctx.shard(batches)]
+    work = max(min(mine.stop * size, total) - mine.start * size, 0) * s.steps  # image-steps on this rank
+    g_init = generator_for(device, s.seed, Stream.SAMPLE_INIT)
+    outs: Batches = ([], [], [])
+    example = torch.zeros((min(size, 8), *starts.shape), device=device)
+    with attack_mode(folded_eval_model(model.eval(), example)) as folded:
+        for b in range(batches):
+            yb = labels[b * size : (b + 1) * size].to(device)
+            x0 = starts.draw(yb, g_init, device)
+            if b not in mine:
+                continue
+            done_before = (b - mine.start) * size * s.steps
+
+            def on_step(i: int, done_before: int = done_before, n: int = len(yb)) -> None:
+                emit("step", {"done": done_before + n * i, "total": work})  # image-steps
+
+            res = sgld(folded, x0, yb, steps=s.steps, step_size=s.step_size, momentum=s.momentum, noise=s.noise,
+                       alpha=s.alpha, stop_energy=None if stop is None else stop[yb], threshold=s.adaptive,
+                       generator=generator_for(device, s.seed, Stream.SGLD_NOISE, b), on_step=on_step)
+            outs[0].append((res.x * 255.0).round_().to(torch.uint8))
+            outs[1].append(res.energy_initial)
+            outs[2].append(res.steps_taken)
+    return outs
+
+
+def gather_batches(outs: Batches, ctx: Any, device: torch.device) -> Batches:
+    """Every rank's batches on every rank, in batch order (the shards are consecutive)."""
     from . import distributed as dist_mod
 
-    ctx, device = dist_mod.init(device)  # under torchrun each rank runs its share of the batches
-    if not ctx.main:
-        emit = ignore_event
-    dev = eval_device(device)
-    ck = ckpt_mod.load(checkpoint, device=dev)
-    k_classes = ck.num_classes
-    wanted = parse_classes(classes, k_classes)
-    labels = wanted_labels(wanted, n_per_class, n)
-    shape = (ck.in_channels, ck.image_size, ck.image_size)
-    dataset = ck.config.data.dataset
-    root = data_dir if data_dir is not None else ck.config.data.data_dir
+    parts = dist_mod.gather_objects(outs, ctx)
+    return tuple([t.to(device) for p in parts for t in p[i]] for i in range(3))  # type: ignore[return-value]
 
-    ds = None
-    if init != "uniform" or adaptive is not None:
-        ds = data_mod.load(dataset, root, device="cpu")
-        if (ds.in_channels, ds.image_size) != shape[:2]:
-            raise WeatInputError(f"checkpoint: {checkpoint} expects {shape} images; its dataset {dataset} has "
-                                 f"{ds.in_channels}x{ds.image_size}x{ds.image_size}")
-        missing = [c for c in wanted if not bool((ds.train_y == c).any())]
-        if missing and init in ("informative", "pca", "noise"):
-            raise WeatInputError(f"--classes: class {missing[0]} has no training images in {dataset}; use --init uniform")
 
-    stats = None
-    if init in ("informative", "pca"):
-        stats = class_stats(ds.train_x, ds.train_y, max(k_classes, ds.num_classes), name=dataset, on_event=emit).to(dev)
-    stop = None
-    if adaptive is not None:
-        data_key = tensor_digest([("x", ds.train_x), ("y", ds.train_y)])
-        key = f"{file_digest(checkpoint)[:16]}-{data_key[:16]}"
-        stop = class_energy_means(ck.model, ds.train_x, ds.train_y, k_classes, batch_size=batch_size, key=key).to(dev)
-        bad = [c for c in wanted if not math.isfinite(float(stop[c]))]
-        if bad:
-            raise WeatInputError(f"--adaptive: class {bad[0]} has no training images to take its mean energy from")
-    x_train = ds.train_x.to(dev) if init == "noise" else None
-    y_train = ds.train_y.to(dev) if init == "noise" else None
+@torch.no_grad()
+def measure_samples(model: nn.Module, samples: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint model's class (N,) and E(x, y) (N,) of what is saved: the uint8 samples."""
+    preds, energies = [], []
+    for i in range(0, len(samples), batch_size):
+        logits = model(samples[i : i + batch_size].float() / 255.0)
+        preds.append(logits.argmax(1))
+        energies.append(joint_energy(logits, labels[i : i + batch_size].to(device)))
+    return torch.cat(preds).cpu(), torch.cat(energies).float().cpu()
 
-    settings = {"checkpoint": str(checkpoint), "dataset": dataset, "data_dir": root, "num_classes": k_classes,
-                "classes": wanted, "init": init, "steps": steps, "step_size": step_size, "momentum": momentum,
-                "noise": noise, "alpha": math.sqrt(2 * step_size) if alpha is None else alpha,
-                "pca_variance": pca_variance, "pca_sigma": pca_sigma, "init_noise": init_noise_std,
-                "adaptive": adaptive, "batch_size": batch_size, "seed": seed}
-    total = len(labels)
-    emit("start", {"checkpoint": str(checkpoint), "n": total, "classes": wanted, "init": init, "steps": steps,
-                   "device": str(dev)})
-    g_init = generator_for(dev, seed, Stream.SAMPLE_INIT)
-    outs_x, outs_e0, outs_taken = [], [], []
-    t0 = time.perf_counter()
-    batches = math.ceil(total / batch_size)
-    mine = range(batches)[ctx.shard(batches)]
-    # BN folded into the convolutions: the same function with fewer ops per SGLD step; reported
-    # energies and predictions still come from the checkpoint's own model.
-    mine_images = max(min(mine.stop * batch_size, total) - mine.start * batch_size, 0)
-    example = torch.zeros((min(batch_size, 8), *shape), device=dev)
-    with attack_mode(folded_eval_model(ck.model.eval(), example)) as model:
-        for b in range(batches):
-            yb = labels[b * batch_size : (b + 1) * batch_size].to(dev)
-            if init == "uniform":
-                x0 = init_uniform(yb, shape, generator=g_init, device=dev)
-            elif init == "informative":
-                x0 = init_informative(yb, stats, generator=g_init)
-            elif init == "pca":
-                x0 = init_pca(yb, stats, variance=pca_variance, sigma=pca_sigma, generator=g_init)
-            else:
-                x0 = init_noise(yb, x_train, y_train, std=init_noise_std, generator=g_init)
-            if b not in mine:
-                continue  # another rank's batch; its start was drawn to keep g_init in step
-            done_before = (b - mine.start) * batch_size * steps
 
-            def on_step(i: int, done_before: int = done_before, size: int = len(yb)) -> None:
-                emit("step", {"done": done_before + size * i, "total": mine_images * steps})  # image-steps
-
-            res = sgld(model, x0, yb, steps=steps, step_size=step_size, momentum=momentum, noise=noise, alpha=alpha,
-                       stop_energy=None if stop is None else stop[yb], threshold=adaptive,
-                       generator=generator_for(dev, seed, Stream.SGLD_NOISE, b), on_step=on_step)
-            outs_x.append((res.x * 255.0).round_().to(torch.uint8))
-            outs_e0.append(res.energy_initial)
-            outs_taken.append(res.steps_taken)
-    if ctx.enabled:  # every rank's batches, in order (the shards are consecutive)
-        parts = dist_mod.gather_objects((outs_x, outs_e0, outs_taken), ctx)
-        outs_x, outs_e0, outs_taken = ([t.to(dev) for p in parts for t in p[i]] for i in range(3))
-        if not ctx.main:
-            return SampleResult(samples=torch.empty(0), labels=labels, predictions=torch.empty(0),
-                                energy_initial=torch.empty(0), energy_final=torch.empty(0), steps_taken=torch.empty(0),
-                                seconds=time.perf_counter() - t0, settings=settings)
-    samples = torch.cat(outs_x)
-    # Energies and classes of what is saved (the uint8 images) under the checkpoint's own model.
-    preds, e_final = [], []
-    with torch.no_grad():
-        for i in range(0, total, batch_size):
-            logits = ck.model(samples[i : i + batch_size].float() / 255.0)
-            preds.append(logits.argmax(1))
-            e_final.append(joint_energy(logits, labels[i : i + batch_size].to(dev)))
-    result = SampleResult(
-        samples=samples.cpu(), labels=labels, predictions=torch.cat(preds).cpu(),
-        energy_initial=torch.cat(outs_e0).float().cpu(), energy_final=torch.cat(e_final).float().cpu(),
-        steps_taken=torch.cat(outs_taken).cpu(), seconds=time.perf_counter() - t0, settings=settings,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_samples(out, result)
-    result.files["samples"] = str(out)
-    # Grid: one row per class, its first GRID_COLUMNS samples.
+def grid_rows(result: SampleResult, wanted: list[int]) -> tuple[torch.Tensor, int, list[str]]:
+    """The grid: one row per wanted class, its first GRID_COLUMNS samples (white where it has fewer),
+    labelled with the fraction classified as asked. -> (images (rows * cols, C, H, W), cols, labels)"""
+    labels, shape = result.labels, tuple(result.samples.shape[1:])
     rows, row_labels = [], []
     for c in wanted:
         idx = (labels == c).nonzero().squeeze(1)[:GRID_COLUMNS]
@@ -592,12 +568,76 @@ def sample_checkpoint(
         rows.append(row)
         row_labels.append(f"class {c}\n{float((result.predictions[labels == c] == c).float().mean()):.0%} as asked")
     cols = min(GRID_COLUMNS, max(int((labels == c).sum()) for c in wanted))
-    grid_images = torch.cat([r[:cols] for r in rows])
-    detail = {"pca": f" (r {pca_variance:g}, sigma_pca {pca_sigma:g})", "noise": f" (std {init_noise_std:g})"}.get(init, "")
-    title = (f"{Path(checkpoint).parent.name or checkpoint.name}: {init} init{detail}, {steps} SGLD steps, eta {step_size:g}"
-             + (f", momentum {momentum:g}" if momentum else ""))
-    sample_grid(grid_images, grid, nrow=cols, labels=row_labels, title=title)
+    return torch.cat([r[:cols] for r in rows]), cols, row_labels
+
+
+def write_outputs(result: SampleResult, out: Path, grid: Path, checkpoint: Path, wanted: list[int],
+                  s: SampleConfig) -> None:
+    """The samples file and the grid (with its numbers as .json); their paths go into result.files."""
+    from .plots import sample_grid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_samples(out, result)
+    result.files["samples"] = str(out)
+    images, cols, row_labels = grid_rows(result, wanted)
+    detail = {"pca": f" (r {s.pca_variance:g}, sigma_pca {s.pca_sigma:g})", "noise": f" (std {s.init_noise:g})"}.get(s.init, "")
+    title = (f"{checkpoint.parent.name or checkpoint.name}: {s.init} init{detail}, {s.steps} SGLD steps, "
+             f"eta {s.step_size:g}" + (f", momentum {s.momentum:g}" if s.momentum else ""))
+    sample_grid(images, grid, nrow=cols, labels=row_labels, title=title)
     result.files["grid"] = str(grid)
     result.files["grid_json"] = str(grid.with_suffix(".json"))
+
+
+def _empty_result(labels: torch.Tensor, seconds: float, settings: dict[str, Any]) -> SampleResult:
+    """What a rank other than 0 returns: rank 0 gathers, measures and writes."""
+    empty = torch.empty(0)
+    return SampleResult(samples=empty, labels=labels, predictions=empty, energy_initial=empty, energy_final=empty,
+                        steps_taken=empty, seconds=seconds, settings=settings)
+
+
+def sample_checkpoint(path: Path | str, cfg: RunConfig, *, out: Path | str | None = None,
+                      grid: Path | str | None = None, on_event: EventFn | None = None) -> SampleResult:
+    """`weat sample`: SGLD samples of the wanted classes from a checkpoint, saved with a grid.
+
+    `cfg` is resolved on the checkpoint's stored config (config.resolve_command(stored=
+    checkpoint.stored_config(path), ...)): cfg.sample holds the sampler's settings, cfg.data the
+    dataset, its root and the download flag, used only for the informative, pca and noise inits and
+    adaptive stopping. `out` defaults to <checkpoint dir>/samples-<init>.safetensors and `grid` to
+    `out` with .png (its numbers go next to it as .json). Under torchrun each rank runs its share
+    of the batches and rank 0 writes the files; the other ranks return an empty result.
+    """
+    from . import checkpoint as ckpt_mod
+    from . import distributed as dist_mod
+
+    s, path = cfg.sample, Path(path)
+    out, grid = resolve_outputs(path, s.init, out, grid)
+    ctx, device = dist_mod.init(s.device)
+    emit = (on_event or ignore_event) if ctx.main else ignore_event
+    dev = eval_device(device)
+    ck = ckpt_mod.load(path, device=dev)
+    shape = (ck.in_channels, ck.image_size, ck.image_size)
+    wanted = parse_classes(s.classes, ck.num_classes)
+    labels = wanted_labels(wanted, s.n_per_class, s.n)
+    ds = load_training_data(cfg, path, shape, wanted)
+    starts = starting_points(ds, s, ck.num_classes, shape, cfg.data.dataset, dev, emit)
+    stop = stopping_thresholds(ck.model, ds, path, ck.num_classes, wanted, s, dev)
+    settings = sample_settings(path, cfg, ck.num_classes, wanted)
+    emit("start", {"checkpoint": str(path), "n": len(labels), "classes": wanted, "init": s.init, "steps": s.steps,
+                   "device": str(dev)})
+    t0 = time.perf_counter()
+    outs = sgld_batches(ck.model, labels, starts, stop, s, ctx, dev, emit)
+    if ctx.enabled:
+        outs = gather_batches(outs, ctx, dev)
+        if not ctx.main:
+            return _empty_result(labels, time.perf_counter() - t0, settings)
+    samples = torch.cat(outs[0])
+    predictions, energy_final = measure_samples(ck.model, samples, labels, s.batch_size, dev)
+    result = SampleResult(
+        samples=samples.cpu(), labels=labels, predictions=predictions,
+        energy_initial=torch.cat(outs[1]).float().cpu(), energy_final=energy_final,
+        steps_taken=torch.cat(outs[2]).cpu(), seconds=time.perf_counter() - t0, settings=settings,
+        config=cfg.model_dump(mode="json", include={"data", "sample"}),
+    )
+    write_outputs(result, out, grid, path, wanted, s)
     emit("done", {"result": result})
     return result

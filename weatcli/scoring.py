@@ -5,7 +5,7 @@ with clean-fid's own PIL bicubic resizer, fed to the TorchScript Inception-v3 th
 (`inception-2015-12-05.pt`), and its 2048-d pool features go through clean-fid's
 `frechet_distance` and `kernel_distance`. The Inception Score (Salimans et al. 2016) uses the same
 network's class probabilities: softmax of its 1008-way output layer without bias, as the original
-implementation, over 10 splits. The weights file is never downloaded unless asked (`download=True`);
+implementation, over 10 splits. The weights file is never downloaded unless asked (data.download);
 point `--inception-weights` or $WEAT_INCEPTION_WEIGHTS at a local copy to work offline.
 
 `features=CKPT` computes the same distances with a weat classifier's penultimate features and its
@@ -28,18 +28,19 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .config import SCORE_METRICS, DataConfig, RunConfig, ScoreConfig
 from .errors import WeatInputError, WeatRunError
 from .fileio import file_digest
 from .runtime import EventFn, eval_device, ignore_event, tensor_digest
 from .sampling import cache_dir
 
 
-METRICS = ("fid", "is", "kid")
+METRICS = SCORE_METRICS
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 CLEANFID_DIR = Path("/tmp")  # where clean-fid itself downloads the weights on Linux
@@ -397,6 +398,7 @@ class ScoreResult:
     seconds: float
     reference_cached: bool | None
     notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved [data] and [score] sections, as JSON
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -409,111 +411,107 @@ class ScoreResult:
             "reference_cached": self.reference_cached,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            "config": dict(self.config),
         }
 
 
-def parse_metrics(value: str | Sequence[str] | None) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else list(value or METRICS)
-    names = [m.strip().lower() for m in items if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise WeatInputError(f"--metrics: unknown {bad[0] if bad else value!r}; expected a comma list of {', '.join(METRICS)}")
-    return list(dict.fromkeys(names))
-
-
-def score_samples(
-    *,
-    samples: Path | str,
-    ref: str | None = None,
-    metrics: str | Sequence[str] | None = None,
-    n: int | None = None,
-    features: str = "inception",
-    inception_weights: Path | str | None = None,
-    download: bool = False,
-    batch_size: int = 100,
-    device: str = "auto",
-    data_dir: str | None = None,
-    seed: int = 0,
-    on_event: EventFn | None = None,
-) -> ScoreResult:
-    """`weat score`: FID / KID against a reference set and the Inception Score of the samples.
-
-    The reference defaults to the training split of the samples' dataset (named in a `weat sample`
-    file), else of the --features checkpoint's dataset. `n` scores a fixed random subset (seed).
-    """
-    emit = on_event or ignore_event
-    names = parse_metrics(metrics)
-    if batch_size < 1:
-        raise WeatInputError(f"--batch-size: {batch_size}; expected an integer >= 1")
-    dev = eval_device(device)
-    t0 = time.perf_counter()
+def sample_subset(samples: Path | str, n: int | None, seed: int) -> tuple[ImageSet, torch.Tensor]:
+    """The samples (ImageSet) and the images to score: all, or a fixed random subset of n (sorted
+    indices from numpy's default_rng(seed)). -> (set, (N, C, H, W) uint8)"""
     sample_set = read_images(samples)
     x = sample_set.images
     if n is not None:
-        if n < 1:
-            raise WeatInputError(f"--n: {n}; expected an integer >= 1")
         if n > len(x):
-            raise WeatInputError(f"--n: {n} is more than the {len(x)} images in {samples}")
+            raise WeatInputError(f"--n: {n} is more than the {len(x)} images in {samples}; expected at most {len(x)}")
         idx = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
         x = x[idx]
-    distances = [m for m in names if m in ("fid", "kid")]
-    if distances and len(x) < 2:
-        raise WeatInputError(f"SAMPLES: {len(x)} image; FID and KID need at least 2")
+    return sample_set, x
 
-    ck = None
-    if features == "inception":
-        net = inception_net(find_inception_weights(inception_weights, download=download), dev)
+
+def feature_net(s: ScoreConfig, download: bool, device: torch.device) -> tuple[FeatureNet, Any]:
+    """--features: clean-fid's Inception (its weights found, or downloaded with --download) or a weat
+    checkpoint. -> (network, the loaded checkpoint or None)"""
+    if s.features == "inception":
+        return inception_net(find_inception_weights(s.inception_weights, download=download), device), None
+    path = Path(s.features).expanduser()
+    if not path.is_file():
+        raise WeatInputError(f"--features: {s.features!r}; expected inception or the path of a weat checkpoint")
+    return classifier_net(path, device)
+
+
+def reference_set(s: ScoreConfig, data: DataConfig, sample_set: ImageSet, ck: Any, samples: Path | str) -> ImageSet:
+    """--ref, else the training split of the samples' dataset (named in a `weat sample` file), else of
+    the --features checkpoint's dataset. A dataset's root is --data-dir (data.data_dir), else the
+    one the samples (or that checkpoint) were made with; data.download allows fetching it."""
+    if s.ref is not None:
+        ref_set = read_reference(s.ref, data_dir=data.data_dir, download=data.download)
     else:
-        path = Path(features).expanduser()
-        if not path.is_file():
-            raise WeatInputError(f"--features: {features!r}; expected inception or the path of a weat checkpoint")
-        net, ck = classifier_net(path, dev)
+        dataset = sample_set.dataset or (ck.config.data.dataset if ck is not None else None)
+        if dataset is None:
+            raise WeatInputError(f"--ref: required: {samples} does not say which dataset it imitates; expected "
+                                 "--ref DATASET[:split], a folder or a .safetensors / .npz file")
+        root = data.data_dir if data.data_dir is not None else (
+            sample_set.data_dir if sample_set.dataset else (ck.config.data.data_dir if ck is not None else None))
+        ref_set = read_reference(f"{dataset}:train", data_dir=root, download=data.download)
+    if len(ref_set.images) < 2:
+        raise WeatInputError(f"--ref: {ref_set.description}; FID and KID need at least 2 images")
+    return ref_set
 
-    ref_set = None
-    if distances:
-        if ref is None:
-            dataset = sample_set.dataset or (ck.config.data.dataset if ck is not None else None)
-            if dataset is None:
-                raise WeatInputError(f"--ref: required: {samples} does not say which dataset it imitates")
-            root = data_dir if data_dir is not None else (
-                sample_set.data_dir if sample_set.dataset else (ck.config.data.data_dir if ck is not None else None))
-            ref = f"{dataset}:train"
-            ref_set = read_reference(ref, data_dir=root, download=download)
-        else:
-            ref_set = read_reference(ref, data_dir=data_dir, download=download)
-        if len(ref_set.images) < 2:
-            raise WeatInputError(f"--ref: {ref_set.description}; FID and KID need at least 2 images")
-    if ck is not None:  # a shape mismatch is bad input: refuse it before any work
-        shape = (ck.in_channels, ck.image_size, ck.image_size)
-        check_image_shape(Path(features), shape, x, f"in {samples}")
-        if ref_set is not None:
-            check_image_shape(Path(features), shape, ref_set.images, f"in the reference {ref_set.description}")
-    emit("start", {"samples": sample_set.description, "n": len(x), "reference": ref_set.description if ref_set else None,
-                   "features": net.name, "metrics": names, "device": str(dev)})
 
-    ref_stats, cached = None, None
-    if ref_set is not None:
-        ref_stats, cached = reference_stats(net, ref_set, batch_size=batch_size, on_event=emit)
-    emit("stage", {"name": "samples", "total": len(x)})
-    feats, probs = extract(net, x, batch_size=batch_size, want_probs="is" in names,
-                           on_progress=lambda done: emit("progress", {"done": done}))
-
+def compute_metrics(names: list[str], feats: np.ndarray, probs: np.ndarray | None,
+                    ref_stats: dict[str, np.ndarray] | None, seed: int) -> tuple[dict[str, float | None], list[str]]:
+    """FID / KID of the (N, D) features against the reference's, and the IS of the (N, K)
+    probabilities; notes where a number needs care. -> ({fid, kid, is_mean, is_std}, notes)"""
     notes = []
-    if not net.comparable:
-        notes.append(f"features from the weat classifier {features} (penultimate layer and softmax): "
-                     "not comparable with Inception-based FID / KID / IS")
     out: dict[str, float | None] = {"fid": None, "kid": None, "is_mean": None, "is_std": None}
     if "fid" in names:
-        if len(x) <= feats.shape[1]:
-            notes.append(f"FID from {len(x)} samples of {feats.shape[1]}-d features: the covariance is rank-deficient "
-                         "and FID is biased upwards; use more samples for comparable numbers")
+        if len(feats) <= feats.shape[1]:
+            notes.append(f"FID from {len(feats)} samples of {feats.shape[1]}-d features: the covariance is "
+                         "rank-deficient and FID is biased upwards; use more samples for comparable numbers")
         out["fid"] = fid_from_stats(*gaussian_stats(feats), ref_stats["mu"], ref_stats["sigma"])
     if "kid" in names:
         out["kid"] = kid(feats, ref_stats["features"].astype(np.float64), seed=seed)
     if "is" in names:
         out["is_mean"], out["is_std"] = inception_score(probs, IS_SPLITS, seed=seed)
+    return out, notes
+
+
+def score_samples(samples: Path | str, cfg: RunConfig, *, on_event: EventFn | None = None) -> ScoreResult:
+    """`weat score`: FID / KID against a reference set and the Inception Score of the samples.
+
+    cfg.score holds the settings (metrics, reference, features, subset n, seed); cfg.data the
+    reference dataset's root and whether the Inception weights or that dataset may be downloaded.
+    Bad input (files, shapes, a missing reference) is refused before any feature is extracted.
+    """
+    s, emit = cfg.score, on_event or ignore_event
+    dev = eval_device(s.device)
+    t0 = time.perf_counter()
+    sample_set, x = sample_subset(samples, s.n, s.seed)
+    distances = [m for m in s.metrics if m in ("fid", "kid")]
+    if distances and len(x) < 2:
+        raise WeatInputError(f"SAMPLES: {len(x)} image; FID and KID need at least 2")
+    net, ck = feature_net(s, cfg.data.download, dev)
+    ref_set = reference_set(s, cfg.data, sample_set, ck, samples) if distances else None
+    if ck is not None:  # a shape mismatch is bad input: refuse it before any work
+        shape = (ck.in_channels, ck.image_size, ck.image_size)
+        check_image_shape(Path(s.features), shape, x, f"in {samples}")
+        if ref_set is not None:
+            check_image_shape(Path(s.features), shape, ref_set.images, f"in the reference {ref_set.description}")
+    emit("start", {"samples": sample_set.description, "n": len(x), "reference": ref_set.description if ref_set else None,
+                   "features": net.name, "metrics": list(s.metrics), "device": str(dev)})
+    ref_stats, cached = None, None
+    if ref_set is not None:
+        ref_stats, cached = reference_stats(net, ref_set, batch_size=s.batch_size, on_event=emit)
+    emit("stage", {"name": "samples", "total": len(x)})
+    feats, probs = extract(net, x, batch_size=s.batch_size, want_probs="is" in s.metrics,
+                           on_progress=lambda done: emit("progress", {"done": done}))
+    out, notes = compute_metrics(s.metrics, feats, probs, ref_stats, s.seed)
+    if not net.comparable:
+        notes.insert(0, f"features from the weat classifier {s.features} (penultimate layer and softmax): "
+                     "not comparable with Inception-based FID / KID / IS")
     return ScoreResult(
         metrics=out, n=len(x), n_reference=None if ref_set is None else len(ref_set.images),
         reference=None if ref_set is None else ref_set.description, features=net.name, comparable=net.comparable,
         seconds=time.perf_counter() - t0, reference_cached=cached, notes=notes,
+        config=cfg.model_dump(mode="json", include={"data", "score"}),
     )
