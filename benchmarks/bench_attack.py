@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-n", type=int, default=None, help="images of the untimed warm-up run of each (default: all n)")
     ap.add_argument("--train-epochs", type=int, default=3, help="epochs of the default digits model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -96,21 +97,21 @@ def main() -> None:
     x = data_mod.to_float(x_u8)
     bs = args.batch_size
 
-    def run_weat() -> tuple[float, float]:
+    def run_weat(k: int = n) -> tuple[float, float]:
         _sync(device)
         t0 = time.perf_counter()
-        r = evaluate_model(model=model, x=x_u8, y=y, attacks=["pgd"], eps=eps, steps=args.steps, step_size=step,
+        r = evaluate_model(model=model, x=x_u8[:k], y=y[:k], attacks=["pgd"], eps=eps, steps=args.steps, step_size=step,
                            batch_size=bs, seed=args.seed)
         _sync(device)
         return time.perf_counter() - t0, r.attacks["pgd"].robust_accuracy
 
-    def run_torchattacks() -> tuple[float, float]:
+    def run_torchattacks(k: int = n) -> tuple[float, float]:
         torch.manual_seed(args.seed)  # torchattacks draws its random start from the global generator
         atk = torchattacks.PGD(model, eps=eps, alpha=step, steps=args.steps, random_start=True)
         _sync(device)
         t0 = time.perf_counter()
         robust = 0
-        for i in range(0, n, bs):
+        for i in range(0, k, bs):
             xb, yb = x[i : i + bs], y[i : i + bs]
             with torch.no_grad():
                 clean = model(xb).argmax(1) == yb
@@ -118,9 +119,10 @@ def main() -> None:
             with torch.no_grad():
                 robust += int((clean & (model(x_adv).argmax(1) == yb)).sum())
         _sync(device)
-        return time.perf_counter() - t0, robust / n
+        return time.perf_counter() - t0, robust / k
 
-    run_weat(), run_torchattacks()  # warm-up: allocator, oneDNN / cuDNN kernel choice
+    warm = min(args.warmup_n or n, n)
+    run_weat(warm), run_torchattacks(warm)  # warm-up: allocator, oneDNN / cuDNN kernel choice
     ours, theirs = [], []
     for _ in range(args.repeats):
         ours.append(run_weat())

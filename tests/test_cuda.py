@@ -293,24 +293,6 @@ def test_cuda_graph_follows_in_place_weight_updates():
         assert float(((after - before).abs() > PIXEL_DIFF).float().mean()) > 0.2  # the weights did matter
 
 
-def test_compiled_model_and_fused_update_match_the_eager_loop():
-    """--compile: torch.compile'd model and the fused sign-step kernel; on CUDA also with the step
-    captured as a graph (--compile --cuda-graphs)."""
-    model, x, y = _model_and_batch()
-    compiled = torch.compile(model)
-    kw = dict(eps=8 / 255, step_size=2 / 255, steps=10, init="uniform")
-    with attack_mode(compiled):
-        eager = pgd(model, x, y, generator=_gen(4), **kw)
-        with engine_options(fused_update=True):
-            fused = pgd(compiled, x, y, generator=_gen(4), **kw)
-        with engine_options(fused_update=True, cuda_graphs=True):
-            graphed = pgd(compiled, x, y, generator=_gen(4), **kw)
-    with torch.no_grad():
-        for out in (fused, graphed):
-            _in_ball(out, x, 8 / 255, "linf")
-            _agree(model, out, eager, y, frac=0.05, rel=0.02)
-
-
 @pytest.mark.parametrize("arch,size,channels", [("small-cnn", 16, 1), ("resnet18", 32, 3)])
 def test_folded_eval_model_on_the_device(arch, size, channels):
     """attacks.folded_eval_model (what `weat attack` and `weat sample` run) folds batch norm on this
@@ -443,6 +425,28 @@ def test_weat_sample_on_the_device_matches_the_cpu(reference, tmp_path, capsys):
     for key in ("energy_initial_mean", "energy_final_mean"):
         assert on[key] == pytest.approx(cpu[key], rel=0.1, abs=0.3), key
     assert on["energy_final_mean"] < on["energy_initial_mean"]  # SGLD lowered E(x, y)
+
+
+# ----------------------------------------------------------------------------- compilation, other processes
+# The slowest tests come last: a tier stopped by the GPU suite's time budget loses the fewest.
+
+
+def test_compiled_model_and_fused_update_match_the_eager_loop():
+    """--compile: torch.compile'd model and the fused sign-step kernel; on CUDA also with the step
+    captured as a graph (--compile --cuda-graphs)."""
+    model, x, y = _model_and_batch()
+    compiled = torch.compile(model)
+    kw = dict(eps=8 / 255, step_size=2 / 255, steps=10, init="uniform")
+    with attack_mode(compiled):
+        eager = pgd(model, x, y, generator=_gen(4), **kw)
+        with engine_options(fused_update=True):
+            fused = pgd(compiled, x, y, generator=_gen(4), **kw)
+        with engine_options(fused_update=True, cuda_graphs=True):
+            graphed = pgd(compiled, x, y, generator=_gen(4), **kw)
+    with torch.no_grad():
+        for out in (fused, graphed):
+            _in_ball(out, x, 8 / 255, "linf")
+            _agree(model, out, eager, y, frac=0.05, rel=0.02)
 
 
 def _weat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
