@@ -31,7 +31,8 @@ from weatcli import data as data_mod
 from weatcli.config import resolve
 from weatcli.evaluate import evaluate_model
 from weatcli.models import build
-from weatcli.train import resolve_device
+from weatcli.attacks import folded_eval_model
+from weatcli.train import configure_backends, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -72,6 +73,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    configure_backends(device, tf32=False)  # as `weat attack` sets them up (IEEE fp32); torchattacks runs under the same
     if args.synthetic:
         torch.manual_seed(args.seed)
         arch = args.arch or "resnet18"
@@ -96,6 +98,9 @@ def main() -> None:
     x_u8, y = x_u8[:n].to(device), y[:n].to(device)
     x = data_mod.to_float(x_u8)
     bs = args.batch_size
+    # Whether weat's attack runs on the BN-folded copy (folded_eval_model falls back to the model itself
+    # when the copy's logits differ beyond rounding on this device).
+    folded = folded_eval_model(model, x[: min(n, 32)]) is not model
 
     def run_weat(k: int = n) -> tuple[float, float]:
         _sync(device)
@@ -135,7 +140,7 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "torchattacks": torchattacks.__version__,
-        "weat_seconds": our_s, "torchattacks_seconds": ta_s,
+        "weat_folded": folded, "weat_seconds": our_s, "torchattacks_seconds": ta_s,
         "weat_images_per_s": n / our_s, "torchattacks_images_per_s": n / ta_s, "ratio": ta_s / our_s,
         "weat_robust_accuracy": our_acc, "torchattacks_robust_accuracy": ta_acc,
         "all_weat_seconds": [s for s, _ in ours], "all_torchattacks_seconds": [s for s, _ in theirs],

@@ -256,7 +256,9 @@ def test_cuda_graph_pgd_matches_the_eager_loop(norm, objective, targeted, precis
     _, x2, y2 = _model_and_batch(seed=1)
     eps, step = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.125)
     kw = dict(eps=eps, step_size=step, steps=10, norm=norm, objective=objective, targeted=targeted, init="uniform")
-    frac, rel = (0.01, 0.02) if precision == "fp32" else (0.05, 0.05)
+    # Measured on the CPU with a 1e-6 relative nudge of the weights standing in for other kernels'
+    # rounding (10 steps, KL the most sensitive): fp32 0.3% of the pixels differ, bf16 8%.
+    frac, rel = (0.02, 0.02) if precision == "fp32" else (0.15, 0.05)
     with attack_mode(model), _autocast(precision):
         runs = []
         for xb, yb, seed in ((x, y, 1), (x2, y2, 2)):
