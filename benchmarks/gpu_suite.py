@@ -523,6 +523,8 @@ def environment(cuda: bool) -> tuple[str, dict[str, Any], str | None]:
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        # torch.compile (inductor, triton) builds kernels with a C compiler: without one, --compile cannot work here
+        "c_compiler": next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None),
     }
     from importlib import metadata
 
