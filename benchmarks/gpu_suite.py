@@ -748,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     t = s.result["tests"]
     print(f"[suite] done in {time.monotonic() - s.t0:.0f} s: tests {t['passed']} passed, {t['failed']} failed, "
           f"{t['skipped']} skipped; {len(s.result['errors'])} errors; wrote {s.out / 'gpu-suite.json'} and gpu-suite.md", flush=True)
+    print(f"[suite] keep the JSON as benchmarks/results/gpu/{s.result['results_name']}", flush=True)
     for fig, tgt in s.result["targets"].items():
         print(f"[suite] {fig:<26} {_fmt(fig, tgt['value']):>10}  target {tgt['target']:<8} "
               f"{'-' if tgt['met'] is None else 'met' if tgt['met'] else 'NOT met'}", flush=True)

@@ -2,10 +2,11 @@
 computes, and train / attack / sample run end to end.
 
 Every test here is marked `cuda` and skips without a CUDA device, so a CPU-only CI stays green.
-`WEAT_TEST_DEVICE=cpu` runs the same tests on the CPU (only graph capture and NCCL, which exist on
-CUDA alone, skip there): that is how the tier is kept working between the rare GPU sessions.
-`WEAT_TEST_DEVICE=cuda:N` picks a GPU. The tier runs in well under 2 minutes on an H100: tiny
-models (small-cnn) on a tiny npz dataset (4 classes of 8x8 images) or on random batches.
+`WEAT_TEST_DEVICE=cpu` runs the same tests on the CPU (NCCL and two-GPU tests skip there; the graph
+tests then run the same static-buffer step eagerly, and capture is checked on CUDA only): that is
+how the tier is kept working between the rare GPU sessions. `WEAT_TEST_DEVICE=cuda:N` picks a GPU.
+Everything is small, for a tier meant to take under 2 minutes on an H100: small-cnn on a tiny npz
+dataset (4 classes of 8x8 images) or on random batches.
 
 Tolerances. A CUDA graph, a compiled model and the eager loop differ at most in float rounding,
 but PGD's sign step turns a rounding-size difference in a gradient entry near 0 into a full step
@@ -64,7 +65,7 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(DEVICE is None, reason="no CUDA device (WEAT_TEST_DEVICE=cpu runs this tier on the CPU)"),
 ]
-cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only (graph capture, NCCL)")
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only (NCCL)")
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
