@@ -31,7 +31,8 @@ from weatcli import data as data_mod
 from weatcli.config import resolve
 from weatcli.evaluate import evaluate_model
 from weatcli.models import build
-from weatcli.runtime import resolve_device
+from weatcli.attacks import folded_eval_model
+from weatcli.runtime import configure_backends, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-n", type=int, default=None, help="images of the untimed warm-up run of each (default: all n)")
     ap.add_argument("--train-epochs", type=int, default=3, help="epochs of the default digits model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -71,6 +73,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    configure_backends(device, tf32=False)  # as `weat attack` sets them up (IEEE fp32); torchattacks runs under the same
     if args.synthetic:
         torch.manual_seed(args.seed)
         arch = args.arch or "resnet18"
@@ -95,22 +98,25 @@ def main() -> None:
     x_u8, y = x_u8[:n].to(device), y[:n].to(device)
     x = data_mod.to_float(x_u8)
     bs = args.batch_size
+    # Whether weat's attack runs on the BN-folded copy (folded_eval_model falls back to the model itself
+    # when the copy's logits differ beyond rounding on this device).
+    folded = folded_eval_model(model, x[: min(n, 32)]) is not model
 
-    def run_weat() -> tuple[float, float]:
+    def run_weat(k: int = n) -> tuple[float, float]:
         _sync(device)
         t0 = time.perf_counter()
-        r = evaluate_model(model=model, x=x_u8, y=y, attacks=["pgd"], eps=eps, steps=args.steps, step_size=step,
+        r = evaluate_model(model=model, x=x_u8[:k], y=y[:k], attacks=["pgd"], eps=eps, steps=args.steps, step_size=step,
                            batch_size=bs, seed=args.seed)
         _sync(device)
         return time.perf_counter() - t0, r.attacks["pgd"].robust_accuracy
 
-    def run_torchattacks() -> tuple[float, float]:
+    def run_torchattacks(k: int = n) -> tuple[float, float]:
         torch.manual_seed(args.seed)  # torchattacks draws its random start from the global generator
         atk = torchattacks.PGD(model, eps=eps, alpha=step, steps=args.steps, random_start=True)
         _sync(device)
         t0 = time.perf_counter()
         robust = 0
-        for i in range(0, n, bs):
+        for i in range(0, k, bs):
             xb, yb = x[i : i + bs], y[i : i + bs]
             with torch.no_grad():
                 clean = model(xb).argmax(1) == yb
@@ -118,9 +124,10 @@ def main() -> None:
             with torch.no_grad():
                 robust += int((clean & (model(x_adv).argmax(1) == yb)).sum())
         _sync(device)
-        return time.perf_counter() - t0, robust / n
+        return time.perf_counter() - t0, robust / k
 
-    run_weat(), run_torchattacks()  # warm-up: allocator, oneDNN / cuDNN kernel choice
+    warm = min(args.warmup_n or n, n)
+    run_weat(warm), run_torchattacks(warm)  # warm-up: allocator, oneDNN / cuDNN kernel choice
     ours, theirs = [], []
     for _ in range(args.repeats):
         ours.append(run_weat())
@@ -133,7 +140,7 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "torchattacks": torchattacks.__version__,
-        "weat_seconds": our_s, "torchattacks_seconds": ta_s,
+        "weat_folded": folded, "weat_seconds": our_s, "torchattacks_seconds": ta_s,
         "weat_images_per_s": n / our_s, "torchattacks_images_per_s": n / ta_s, "ratio": ta_s / our_s,
         "weat_robust_accuracy": our_acc, "torchattacks_robust_accuracy": ta_acc,
         "all_weat_seconds": [s for s, _ in ours], "all_torchattacks_seconds": [s for s, _ in theirs],
