@@ -195,3 +195,51 @@ def test_without_robustbench_the_install_command_is_named(tmp_path, capsys, monk
                               str(cifar10_root), "--device", "cpu"], capsys)
     line = _one_line_error(code, out, err)
     assert "pip install 'weat[robustbench]'" in line and "zoo.safetensors" in line
+
+
+@needs_robustbench
+def test_energy_and_sample_run_on_an_imported_zoo_checkpoint(tmp_path_factory, capsys, cifar10_root, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("WEAT_CACHE_DIR", str(tmp_path / "cache"))
+    name, threat = ENTRIES[0]
+    path, _ = _user_file(tmp_path_factory, name, threat)
+    summary = _import(capsys, path, name, threat, "--out", str(tmp_path / "zoo.safetensors"))
+    code, out, err = run_cli(["energy", "stats", summary["checkpoint"], "-a", "pgd", "--n", "8", "--steps", "1",
+                              "--data-dir", str(cifar10_root), "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["n"] == 8
+    code, out, err = run_cli(["sample", summary["checkpoint"], "--n-per-class", "1", "--classes", "0,5", "--sgld-steps",
+                              "2", "--device", "cpu", "--init", "uniform", "--out", str(tmp_path / "s.safetensors"),
+                              "--data-dir", str(cifar10_root)], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == str(tmp_path / "s.safetensors")
+
+
+@needs_robustbench
+def test_download_lets_robustbench_fetch_the_file_first(tmp_path, capsys, monkeypatch):
+    """--download hands the fetch to robustbench's own load_model (replaced here: no network in tests),
+    writes its state dict to FILE, then imports FILE like any other."""
+    import robustbench.utils
+
+    name = "Sehwag2021Proxy_R18"
+    torch.manual_seed(0)
+    published = _randomised(zoo.build(zoo.entry(name, "cifar10", "Linf")), seed=3)
+    calls = []
+
+    def fake_load_model(model_name, model_dir, dataset, threat_model):
+        calls.append((model_name, Path(model_dir), dataset, threat_model))
+        return published
+
+    monkeypatch.setattr(robustbench.utils, "load_model", fake_load_model)
+    monkeypatch.setenv("WEAT_CACHE_DIR", str(tmp_path / "cache"))
+    dest = tmp_path / "fetched.pt"
+    summary = _import(capsys, dest, name, "Linf", "--download")
+    assert calls == [(name, tmp_path / "cache" / "robustbench", "cifar10", "Linf")]
+    assert dest.is_file() and summary["source"] == str(dest)
+    ck = checkpoint.load(summary["checkpoint"])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.model(x), published(x), rtol=1e-5, atol=1e-5)
+    # An existing FILE is imported as it is: nothing is fetched again.
+    _import(capsys, dest, name, "Linf", "--download", "--force")
+    assert len(calls) == 1
