@@ -342,7 +342,7 @@ class ExtraStream:
         if self._pinned:
             x = self._host_x[got].to(self.device, non_blocking=True)
             y = self._host_y[got].to(self.device, non_blocking=True)
-            self._copied[got].record()
+            self._copied[got].record(torch.cuda.current_stream(self.device))
             x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW on the device
         else:
             x_np, y_np = got
