@@ -25,8 +25,14 @@ from weatcli.models import (
     unwrap,
 )
 
-needs_robustbench = pytest.mark.skipif(not zoo.available(), reason="robustbench is not importable here "
-                                       "(optional extra: pip install 'weat[robustbench]')")
+@pytest.fixture(scope="module")
+def robustbench_available() -> None:
+    """Skip unless robustbench imports; checked when a test needs it, not at collection (its import is slow)."""
+    if not zoo.available():
+        pytest.skip("robustbench is not importable here (optional extra: pip install 'weat[robustbench]')")
+
+
+needs_robustbench = pytest.mark.usefixtures("robustbench_available")
 
 
 def _meta(arch: str, num_classes: int = 10) -> nn.Module:

@@ -12,8 +12,14 @@ import torch
 from conftest import run_cli
 from weatcli import checkpoint, config, zoo
 
-needs_robustbench = pytest.mark.skipif(not zoo.available(), reason="robustbench is not importable here "
-                                       "(optional extra: pip install 'weat[robustbench]')")
+@pytest.fixture(scope="module")
+def robustbench_available() -> None:
+    """Skip unless robustbench imports; checked when a test needs it, not at collection (its import is slow)."""
+    if not zoo.available():
+        pytest.skip("robustbench is not importable here (optional extra: pip install 'weat[robustbench]')")
+
+
+needs_robustbench = pytest.mark.usefixtures("robustbench_available")
 
 # Small entries of different families, and the DM-AT WRN-28-10 of the current leaders.
 ENTRIES = [
