@@ -151,10 +151,24 @@ def stored_config(path: Path | str) -> RunConfig:
     return validate(_json_metadata(path, meta, "config"), source=f"checkpoint: {path} config")
 
 
-def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
-    """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
+def _rebuild(cfg: RunConfig, meta: dict[str, str], *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The untrained model the metadata describes: a weat arch, or a RobustBench zoo entry
+    (arch `robustbench:NAME`, rebuilt offline through the robustbench package's registry)."""
+    from . import zoo
     from .models import build
 
+    if zoo.is_zoo_arch(cfg.model.arch):
+        threat = cfg.model.robustbench_threat or meta.get("robustbench_threat") or "Linf"
+        dataset = meta.get("robustbench_dataset") or cfg.data.dataset
+        entry = zoo.entry(zoo.zoo_name(cfg.model.arch), dataset, threat, flag="model.arch",
+                          dataset_flag="data.dataset", threat_flag="model.robustbench_threat")
+        return zoo.build(entry, flag="model.arch")
+    return build(cfg.model.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                 mean=cfg.model.mean, std=cfg.model.std)
+
+
+def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
+    """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
     path = Path(path)
     tensors, meta = read(path)
     _check_format(path, meta)
@@ -166,8 +180,7 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     cfg = validate(config, source=f"checkpoint: {path} config")
     num_classes, in_channels, image_size = (_int_metadata(path, meta, k) for k in ("num_classes", "in_channels", "image_size"))
     try:
-        model = build(cfg.model.arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                      mean=cfg.model.mean, std=cfg.model.std)
+        model = _rebuild(cfg, meta, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     except WeatInputError as e:  # e.g. an arch this version does not know: name the file too
         raise WeatInputError(f"checkpoint: {path}: {e}") from None
     weights = {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, STATE_PREFIX))}

@@ -369,14 +369,17 @@ def _ranks_done():
 def import_(
     file: Annotated[Path, typer.Argument(
         metavar="FILE", help="PyTorch state dict (.pt/.pth, read with weights_only=True) or a plain .safetensors file.")],
-    arch: Annotated[str, typer.Option(help="small-cnn, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10.")],
     dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100, svhn, tiny-imagenet or npz:PATH (sets classes and image shape).")],
+    arch: Annotated[Optional[str], typer.Option(help="small-cnn, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10, wrn-28-10-swish, wrn-70-16-swish (or --robustbench).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint to write (default: FILE with suffix .weat.safetensors).")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Per-channel mean of a Normalize layer in front of the net, e.g. 0.4914,0.4822,0.4465 (default: none, as in RobustBench).")] = None,
     std: Annotated[Optional[str], typer.Option(help="Per-channel std, with --mean.")] = None,
     eps: Annotated[Optional[str], typer.Option(help="Threat radius the model was trained for; fractions allowed: 8/255 (default: the dataset's recipe).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="linf or l2 (needs --eps; default: the dataset's recipe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    robustbench: Annotated[Optional[str], typer.Option(help="A RobustBench zoo entry, e.g. Wang2023Better_WRN-28-10: its architecture comes from the robustbench package (pip install 'weat[robustbench]').")] = None,
+    threat: Annotated[Optional[str], typer.Option(help="With --robustbench: the zoo's threat model, Linf, L2 or corruptions (default Linf).")] = None,
+    download: Annotated[bool, typer.Option("--download", help="With --robustbench: let robustbench fetch the published weights into FILE when it does not exist.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert someone else's PyTorch checkpoint (RobustBench key names) into a weat checkpoint.
@@ -390,11 +393,12 @@ def import_(
         from .importer import import_checkpoint
 
         r = import_checkpoint(file, arch=arch, dataset=dataset, out=out, mean=mean, std=std, eps=eps, norm=norm,
-                              force=force)
+                              force=force, robustbench=robustbench, threat=threat, download=download)
         notes = [f"weights under {r.unwrapped!r}" if r.unwrapped else "", f"prefix {r.stripped_prefix!r} stripped"
                  if r.stripped_prefix else "", ", ".join(f"renamed {k} ({n} keys)" for k, n in r.renamed.items()),
                  f"ignored {len(r.ignored)} tensors the reference model never uses" if r.ignored else ""]
-        norm_text = f"mean {r.mean}, std {r.std}" if r.mean is not None else "no normalisation"
+        norm_text = (f"mean {r.mean}, std {r.std}" if r.mean is not None else
+                     f"RobustBench {r.robustbench_threat} entry, its own normalisation" if r.robustbench_threat else "no normalisation")
         err.print(f"imported {r.tensors} tensors ({r.parameters:,} parameters) from {r.source} ({r.source_format})"
                   + "".join(f"; {n}" for n in notes if n), markup=False, soft_wrap=True)
         err.print(f"arch {r.arch}, dataset {r.dataset} ({r.num_classes} classes, {r.in_channels}x{r.image_size}x"

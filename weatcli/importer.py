@@ -24,9 +24,20 @@ every shape must match. A weat-exported `NormalizedModel` state dict (normalize.
 model.*) brings its own normalisation. Finally one forward pass on a random batch of the dataset's
 shape must give finite logits of the right shape.
 
-Normalisation: RobustBench models take [0,1] images with no normalisation inside, so the default is
-none; `--mean/--std` put a Normalize layer in front of the net (recorded in the checkpoint config).
+Normalisation: RobustBench's ResNets and ReLU WideResNets take [0,1] images with no normalisation
+inside, so the default is none; `--mean/--std` put a Normalize layer in front of the net (recorded
+in the checkpoint config). The DM-AT WideResNets (`wrn-28-10-swish`, `wrn-70-16-swish`) normalise
+inside the net, as published: by default with the CIFAR statistics (CIFAR-100's for cifar100),
+which the checkpoint config records; `--mean/--std` replace them. Their public state dicts
+(init_conv, layer.N.block.M..., batchnorm, logits) import as they are, with no renaming.
 The threat model (eps, norm) defaults to the dataset's paper recipe; `weat attack --eps` overrides.
+
+RobustBench zoo entries (`--robustbench NAME --threat Linf|L2|corruptions`, weatcli/zoo.py): the
+architecture comes from the robustbench package's own registry, the file is read exactly as above
+(weights_only), every tensor must be a tensor of that model with its shape (buffers the model sets
+itself, e.g. normalisation constants, may be absent, as robustbench's own loader allows), and one
+forward pass must be finite. The checkpoint's arch is `robustbench:NAME` and `checkpoint.load`
+rebuilds it through the zoo. The threat defaults to the leaderboard's (Linf 8/255, L2 0.5).
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ class ImportResult:
     mean: list[float] | None
     std: list[float] | None
     threat: str
+    robustbench_threat: str | None = None  # --robustbench imports: the zoo's threat model (Linf, L2, ...)
     unwrapped: str | None = None  # e.g. "state_dict" when the weights sat under that key
     stripped_prefix: str | None = None  # e.g. "module."
     renamed: dict[str, int] = field(default_factory=dict)  # "fc -> linear": number of keys
@@ -82,7 +94,8 @@ class ImportResult:
             "source_sha256": self.source_sha256, "arch": self.arch, "dataset": self.dataset,
             "num_classes": self.num_classes, "in_channels": self.in_channels, "image_size": self.image_size,
             "tensors": self.tensors, "parameters": self.parameters, "mean": self.mean, "std": self.std,
-            "threat": self.threat, "unwrapped": self.unwrapped, "stripped_prefix": self.stripped_prefix,
+            "threat": self.threat, "robustbench_threat": self.robustbench_threat,
+            "unwrapped": self.unwrapped, "stripped_prefix": self.stripped_prefix,
             "renamed": dict(self.renamed), "ignored": list(self.ignored), "filled": list(self.filled),
         }
 
@@ -217,16 +230,18 @@ def _listed(keys: Sequence[str]) -> str:
 
 
 def _match(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, path: Path, arch: str,
-           dataset: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Check names and shapes against the model; fp32 copies in the model's key order."""
+           dataset: str, fillable: frozenset[str] = frozenset(),
+           flag: str = "--arch") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Check names and shapes against the model; fp32 copies in the model's key order. Keys in
+    `fillable` (and every num_batches_tracked) may be absent: the fresh model's values stay."""
     unused = sorted(set(sd) - set(expected))
     if unused:
         raise WeatInputError(f"FILE: {path} has {len(unused)} tensors that arch {arch!r} does not use: "
-                             f"{_listed(unused)} (is --arch right?)")
-    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked"))
+                             f"{_listed(unused)} (is {flag} right?)")
+    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked") and k not in fillable)
     if missing:
         raise WeatInputError(f"FILE: {path} lacks {len(missing)} tensors of arch {arch!r}: {_listed(missing)} "
-                             f"(is --arch right?)")
+                             f"(is {flag} right?)")
     out: dict[str, torch.Tensor] = {}
     filled: list[str] = []
     for key, want in expected.items():
@@ -289,7 +304,7 @@ def default_out(source: Path) -> Path:
 def import_checkpoint(
     source: Path | str,
     *,
-    arch: str,
+    arch: str | None = None,
     dataset: str,
     out: Path | str | None = None,
     mean: str | Sequence[float] | None = None,
@@ -297,22 +312,42 @@ def import_checkpoint(
     eps: float | str | None = None,
     norm: str | None = None,
     force: bool = False,
+    robustbench: str | None = None,
+    threat: str | None = None,
+    download: bool = False,
 ) -> ImportResult:
-    """Check a foreign state dict against `arch` for `dataset` and write it as a weat checkpoint."""
+    """Check a foreign state dict against `arch` (or the RobustBench zoo entry `robustbench` for
+    `threat`) for `dataset` and write it as a weat checkpoint. `download` (zoo entries only) lets
+    robustbench fetch the published weights into `source` first when that file does not exist."""
     from . import checkpoint as ckpt_mod
     from . import config as config_mod
+    from . import zoo as zoo_mod
     from .fileio import check_writable, file_digest
-    from .models import ARCHS, build, unwrap
+    from .models import ARCHS, NORMALIZES_INSIDE, build, dm_default_normalization, unwrap
 
     source = Path(source)
-    arch_key = arch.strip().lower()
-    if arch_key not in ARCHS:
-        raise WeatInputError(f"--arch: unknown {arch!r}; expected one of {', '.join(ARCHS)}")
+    if robustbench is not None and arch is not None:
+        raise WeatInputError("--arch/--robustbench: give one (--robustbench NAME builds the zoo entry's own architecture)")
+    if robustbench is None:
+        if arch is None:
+            raise WeatInputError(f"--arch: required (one of {', '.join(ARCHS)}), or --robustbench NAME for a RobustBench zoo entry")
+        for flag, given in (("--threat", threat is not None), ("--download", download)):
+            if given:
+                raise WeatInputError(f"{flag}: only with --robustbench NAME")
+        arch_key = arch.strip().lower()
+        if arch_key not in ARCHS:
+            raise WeatInputError(f"--arch: unknown {arch!r}; expected one of {', '.join(ARCHS)}")
+    else:
+        robustbench = robustbench.strip()
+        if mean is not None or std is not None:
+            raise WeatInputError("--mean/--std: not with --robustbench (a zoo model carries its own normalisation)")
+        arch_key = zoo_mod.ZOO_PREFIX + robustbench
     dataset = dataset.strip()
     if dataset.startswith("npz:"):  # stored absolute, as data.load names it, so later commands find it
         dataset = f"npz:{Path(dataset[4:]).expanduser().resolve()}"
     else:
         dataset = dataset.lower()
+    zoo = zoo_mod.entry(robustbench, dataset, threat or "Linf") if robustbench is not None else None
     num_classes, in_channels, image_size = _dataset_shape(dataset)
     mean_c, std_c = parse_channels("--mean", mean, in_channels), parse_channels("--std", std, in_channels)
     if (mean_c is None) != (std_c is None):
@@ -322,6 +357,8 @@ def import_checkpoint(
     norm = norm.strip().lower() if norm is not None else None
     if norm is not None and eps is None:
         raise WeatInputError(f"--eps: required with --norm {norm} (the threat radius the model was trained for)")
+    if zoo is not None and eps is None and zoo.threat in zoo_mod.LEADERBOARD_EPS:
+        norm, eps = zoo_mod.LEADERBOARD_EPS[zoo.threat]
 
     out = Path(out) if out is not None else default_out(source)
     if out.suffix != ".safetensors":
@@ -329,8 +366,12 @@ def import_checkpoint(
     check_writable("--out", out)
     if out.exists() and not force:
         raise WeatInputError(f"--out: {out} already exists; pass --force to overwrite it")
+    if zoo is not None and download and not source.exists():
+        check_writable("FILE", source)
+        zoo_mod.fetch_weights(zoo, source)
     if not source.is_file():
-        raise WeatInputError(f"FILE: {source} not found" + (" (it is a directory)" if source.is_dir() else ""))
+        hint = "; pass --download to let robustbench fetch the published weights there" if zoo is not None else ""
+        raise WeatInputError(f"FILE: {source} not found" + (" (it is a directory)" if source.is_dir() else hint))
 
     if _is_safetensors(source):
         fmt, sd, unwrapped = "safetensors", _read_safetensors(source), None
@@ -339,7 +380,7 @@ def import_checkpoint(
         sd, unwrapped = _find_state_dict(_read_torch(source), source)
 
     # A weat-exported NormalizedModel: its normalisation travels with it.
-    if "normalize.mean" in sd and "normalize.std" in sd:
+    if zoo is None and "normalize.mean" in sd and "normalize.std" in sd:
         file_mean = sd.pop("normalize.mean").flatten().tolist()
         file_std = sd.pop("normalize.std").flatten().tolist()
         if mean_c is None:
@@ -349,28 +390,50 @@ def import_checkpoint(
                   and torch.allclose(torch.tensor(std_c), torch.tensor(file_std))):
             raise WeatInputError(f"--mean/--std: {mean_c}/{std_c} differ from the file's normalize.mean/std "
                                  f"{file_mean}/{file_std}; drop the options to use the file's")
-    sd, stripped = _strip_prefixes(sd)
-    ignored = sorted(k for k in sd if k.startswith(UNUSED_BY_REFERENCE.get(arch_key, ())))
-    for k in ignored:
-        del sd[k]
+    if arch_key in NORMALIZES_INSIDE and mean_c is None:  # recorded, so the config says what the net does
+        mean_c, std_c = (list(v) for v in dm_default_normalization(num_classes, in_channels))
 
-    overrides = {"data.dataset": dataset, "model.arch": arch_key, "model.mean": mean_c, "model.std": std_c,
-                 "attack.eps": eps, "attack.norm": norm}
+    if zoo is not None:
+        model = zoo_mod.build(zoo)
+        net = model
+        expected = model.state_dict()
+        if not set(sd) <= set(expected):  # "module." etc. only where the names do not match as they are
+            sd, stripped = _strip_prefixes(sd)
+        else:
+            stripped = None
+        ignored, renamed = [], {}
+        # Buffers the model sets itself (normalisation constants such as mu/sigma or mean/std) may be
+        # absent, as robustbench's own loader allows; every parameter and every batch-norm statistic
+        # (which changes eval-mode outputs) must be in the file.
+        buffers = frozenset(name for name, _ in model.named_buffers()
+                            if name in expected and not name.endswith(("running_mean", "running_var")))
+        weights, filled = _match(sd, expected, path=source, arch=arch_key, dataset=dataset, fillable=buffers,
+                                 flag="--robustbench")
+        overrides = {"data.dataset": dataset, "model.arch": arch_key, "model.robustbench_threat": zoo.threat,
+                     "attack.eps": eps, "attack.norm": norm}
+    else:
+        sd, stripped = _strip_prefixes(sd)
+        ignored = sorted(k for k in sd if k.startswith(UNUSED_BY_REFERENCE.get(arch_key, ())))
+        for k in ignored:
+            del sd[k]
+        model = build(arch_key, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                      mean=mean_c, std=std_c)
+        net = unwrap(model)
+        expected = net.state_dict()
+        sd, renamed = _rename_segments(sd, expected)
+        weights, filled = _match(sd, expected, path=source, arch=arch_key, dataset=dataset)
+        overrides = {"data.dataset": dataset, "model.arch": arch_key, "model.mean": mean_c, "model.std": std_c,
+                     "attack.eps": eps, "attack.norm": norm}
     cfg = config_mod.resolve(overrides=overrides)
-    model = build(arch_key, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                  mean=mean_c, std=std_c)
-    net = unwrap(model)
-    expected = net.state_dict()
-    sd, renamed = _rename_segments(sd, expected)
-    weights, filled = _match(sd, expected, path=source, arch=arch_key, dataset=dataset)
     net.load_state_dict(weights, strict=True)
     model.eval()
 
     with torch.no_grad():  # (2, C, S, S) random [0,1] images -> (2, K) logits
         x = torch.rand(2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
         logits = model(x)
-    if logits.shape != (2, num_classes):
-        raise WeatInputError(f"FILE: {source}: the model gives logits of shape {tuple(logits.shape)} on a "
+    if not isinstance(logits, torch.Tensor) or logits.shape != (2, num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise WeatInputError(f"FILE: {source}: the model gives logits of shape {shape} on a "
                              f"{in_channels}x{image_size}x{image_size} batch; expected (2, {num_classes})")
     if not torch.isfinite(logits).all():
         bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -381,12 +444,14 @@ def import_checkpoint(
     meta = ckpt_mod.model_metadata(cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                                    epoch=0)
     meta.update({"method": "imported", "imported_from": source.name, "source_sha256": digest})
+    if zoo is not None:
+        meta.update(zoo.metadata())
     ckpt_mod.save(out, ckpt_mod.state_dict_of(model), meta)
 
     return ImportResult(
         checkpoint=out, source=source, source_format=fmt, source_sha256=digest, arch=arch_key, dataset=dataset,
         num_classes=num_classes, in_channels=in_channels, image_size=image_size,
         tensors=len(weights) - len(filled), parameters=sum(p.numel() for p in net.parameters()),
-        mean=mean_c, std=std_c, threat=cfg.attack.threat, unwrapped=unwrapped, stripped_prefix=stripped,
-        renamed=renamed, ignored=ignored, filled=filled,
+        mean=mean_c, std=std_c, threat=cfg.attack.threat, robustbench_threat=zoo.threat if zoo else None,
+        unwrapped=unwrapped, stripped_prefix=stripped, renamed=renamed, ignored=ignored, filled=filled,
     )

@@ -1,4 +1,5 @@
-"""Architecture registry: CIFAR ResNet-18, PreAct ResNet-18, WideResNets and a small digits net.
+"""Architecture registry: CIFAR ResNet-18, PreAct ResNet-18, WideResNets (ReLU, and the SiLU ones of
+the DM-AT works) and a small digits net.
 
 Every model's forward takes [0,1] images (B, C, H, W) and returns logits (B, K); normalisation is
 a layer inside the model (RobustBench convention) so attacks work in pixel space and eps means
@@ -21,6 +22,8 @@ from weatcli.errors import WeatInputError
 
 __all__ = [
     "ARCHS",
+    "DMWideResNet",
+    "NORMALIZES_INSIDE",
     "Normalize",
     "NormalizedModel",
     "arch_names",
@@ -200,6 +203,114 @@ class WideResNet(nn.Module):
         return self.fc(self.features(x))
 
 
+# --- DM-AT WideResNet with SiLU (RobustBench model_zoo.architectures.dm_wide_resnet keys) ----
+#
+# The WideResNets of Gowal et al. 2021 ("Uncovering the limits..."), Rebuffi et al. 2021 ("Fixing
+# data augmentation...") and Wang et al. 2023 ("Better diffusion models further improve adversarial
+# training"): DeepMind's JAX design ported to PyTorch, as RobustBench's `DMWideResNet` holds it.
+# What differs from the WideResNet above, and is matched here (docs/science.md#beyond-the-paper):
+#   * SiLU (x * sigmoid(x), "swish") instead of ReLU; Gowal/Rebuffi use a custom autograd swish and
+#     Wang 2023 nn.SiLU: the same function and derivative;
+#   * TensorFlow "SAME" padding: the first 3x3 conv of a block has padding=0 and its input is padded
+#     by hand, (1, 1, 1, 1) at stride 1 and (0, 1, 0, 1) (right and bottom only) at stride 2, so a
+#     stride-2 conv samples windows starting at even pixels (PyTorch's padding=1 would start at -1);
+#   * normalisation inside the net as non-persistent buffers (they are not in the state dict, so
+#     public checkpoints carry none): CIFAR-10 statistics, CIFAR-100's for 100 classes (as in the
+#     RobustBench CIFAR-100 entries), or model.mean/model.std when given;
+#   * no input padding: DMWideResNet's `padding` argument (zero-padding of the input, for 28x28
+#     MNIST in DeepMind's code) is 0 in every RobustBench CIFAR entry;
+#   * names: init_conv, layer.<group>.block.<i>.{batchnorm_0, conv_0, batchnorm_1, conv_1, shortcut},
+#     batchnorm, logits.
+# The pooling is adaptive where the reference uses avg_pool2d(8): the same on 32x32 inputs (an 8x8 map).
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+class DMBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"DMBlock: stride must be 1 or 2, got {stride}")
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(c_in)
+        self.conv_0 = nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(c_out)
+        self.conv_1 = _conv3x3(c_out, c_out)
+        self.shortcut = _conv1x1(c_in, c_out, stride) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.silu(self.batchnorm_0(x))
+        # TF "SAME": total padding 2 at stride 1 (split evenly), 1 at stride 2 (all after).
+        pad = (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)
+        out = self.conv_1(F.silu(self.batchnorm_1(self.conv_0(F.pad(act, pad)))))
+        # Where shapes change the shortcut sees the pre-activated input, as in the reference.
+        skip = x if self.shortcut is None else self.shortcut(act)
+        return skip + out
+
+
+class DMBlockGroup(nn.Module):
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            *(DMBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class DMWideResNet(nn.Module):
+    """WRN-depth-width with SiLU, TF-style padding and its own input normalisation (see above)."""
+
+    def __init__(self, depth: int = 28, widen: int = 10, *, num_classes: int = 10, in_channels: int = 3,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        if mean is None or std is None:
+            mean, std = dm_default_normalization(num_classes, in_channels)
+        # (1, C, 1, 1); persistent=False as in the reference: checkpoints carry no normalisation.
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        n = (depth - 4) // 6  # blocks per group: 4 for depth 28, 11 for depth 70
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.init_conv = _conv3x3(in_channels, widths[0])
+        self.layer = nn.Sequential(
+            DMBlockGroup(n, widths[0], widths[1], 1),
+            DMBlockGroup(n, widths[1], widths[2], 2),
+            DMBlockGroup(n, widths[2], widths[3], 2),
+        )
+        self.batchnorm = nn.BatchNorm2d(widths[3])
+        self.logits = nn.Linear(widths[3], num_classes)
+        # No custom initialisation: the reference DMWideResNet keeps PyTorch's defaults.
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.logits
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(self.init_conv((x - self.mean) / self.std))
+        return _pool(F.silu(self.batchnorm(out)))  # (B, 64 * widen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def dm_default_normalization(num_classes: int, in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a DM WideResNet applies when model.mean/model.std are not given: CIFAR-100's
+    statistics for 100 classes (RobustBench's CIFAR-100 entries), else CIFAR-10's; identity for
+    inputs that are not RGB (the CIFAR statistics mean nothing there)."""
+    if in_channels != 3:
+        return (0.0,) * in_channels, (1.0,) * in_channels
+    return (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+
+
 # --- small CNN for the 16x16 digits set ------------------------------------------------------
 
 
@@ -253,6 +364,15 @@ def _wrn(depth: int) -> Callable[..., nn.Module]:
     return make
 
 
+def _dm_wrn(depth: int, widen: int) -> Callable[..., nn.Module]:
+    def make(*, num_classes: int, in_channels: int = 3, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> nn.Module:
+        return DMWideResNet(depth, widen, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+
+    make.__name__ = f"wrn_{depth}_{widen}_swish"
+    return make
+
+
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     # Same net and keys: adaptive pooling makes it size-agnostic; the name documents intent.
@@ -260,8 +380,15 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "preact-resnet18": _preact_resnet18,
     "wrn-28-10": _wrn(28),
     "wrn-34-10": _wrn(34),
+    # DM-AT nets (Gowal 2021, Rebuffi 2021, Wang 2023): normalisation inside, as model.mean/std say.
+    "wrn-28-10-swish": _dm_wrn(28, 10),
+    "wrn-70-16-swish": _dm_wrn(70, 16),
     "small-cnn": SmallCNN,
 }
+
+# Archs whose net normalises its input itself (RobustBench's DMWideResNet): build() hands
+# model.mean/model.std to the net instead of wrapping it in NormalizedModel.
+NORMALIZES_INSIDE = frozenset({"wrn-28-10-swish", "wrn-70-16-swish"})
 
 # Smallest square input (pixels) each arch accepts: the stride-8 ResNets/WRNs would pool a
 # single pixel below 8, and the stride-4 small net below 4.
@@ -271,6 +398,8 @@ _MIN_IMAGE_SIZE: dict[str, int] = {
     "preact-resnet18": 8,
     "wrn-28-10": 8,
     "wrn-34-10": 8,
+    "wrn-28-10-swish": 8,
+    "wrn-70-16-swish": 8,
     "small-cnn": 4,
 }
 
@@ -334,10 +463,15 @@ def build(
     """The net for `arch`, taking [0,1] images (B, in_channels, image_size, image_size) to (B, num_classes).
 
     With mean and std (one value, or one per channel) the net is wrapped in NormalizedModel;
-    without them the bare net is returned. Weights come from torch's global RNG (seed it first).
+    without them the bare net is returned. The DM WideResNets (NORMALIZES_INSIDE) always normalise
+    inside the net itself: with mean/std as given, else `dm_default_normalization`. Weights come from
+    torch's global RNG (seed it first).
     """
     key = arch.strip().lower() if isinstance(arch, str) else None
     if key not in ARCHS:
+        if isinstance(arch, str) and arch.startswith("robustbench:"):
+            raise WeatInputError(f"model.arch: {arch!r} is a RobustBench zoo entry: only checkpoints made by "
+                                 f"'weat import --robustbench' use it; expected one of {', '.join(ARCHS)}")
         raise WeatInputError(f"model.arch: unknown {arch!r}; expected one of {', '.join(ARCHS)}")
     for field, value in (("model.num_classes", num_classes), ("model.in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -350,14 +484,15 @@ def build(
     if (mean is None) != (std is None):
         raise WeatInputError("model.mean/model.std: give both or neither")
 
-    net = ARCHS[key](num_classes=num_classes, in_channels=in_channels)
     if mean is None:
-        return net
+        return ARCHS[key](num_classes=num_classes, in_channels=in_channels)
     mean_c = _per_channel("model.mean", mean, in_channels)
     std_c = _per_channel("model.std", std, in_channels)
     if any(not s > 0 for s in std_c):  # also rejects NaN
         raise WeatInputError(f"model.std: {std_c}; expected every value > 0")
-    return NormalizedModel(net, Normalize(mean_c, std_c))
+    if key in NORMALIZES_INSIDE:  # the net's own (non-persistent) normalisation, keys as published
+        return ARCHS[key](num_classes=num_classes, in_channels=in_channels, mean=mean_c, std=std_c)
+    return NormalizedModel(ARCHS[key](num_classes=num_classes, in_channels=in_channels), Normalize(mean_c, std_c))
 
 
 def strip_wrappers(model: nn.Module) -> nn.Module:
