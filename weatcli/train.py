@@ -30,7 +30,7 @@ from .config import RunConfig
 from .energy import energy_stats
 from .errors import WeatInputError, WeatRunError
 from .fileio import atomic_write_text, remove_stale_temps
-from .losses import LOSSES, method_attack
+from .losses import LOSSES, Loss, method_attack
 from .models import ARCHS, build, keep_ends_in_fp32
 from .phases import energy_select_epoch
 from .runtime import EventFn, Stream, configure_backends, generator_for, ignore_event, resolve_device
@@ -251,17 +251,8 @@ def fit(
     state: dict[str, Any] = {}
     resumed = None
     if resume is not None:
-        resume = Path(resume)
-        last = resume if resume.suffix == ".safetensors" else resume / "last.safetensors"
-        if not last.is_file():
-            raise WeatInputError(f"--resume: {last} not found (expected a run directory written by weat train)")
-        resumed = ckpt.load(last)
+        resumed, state, run_dir = _read_resume(Path(resume))
         cfg = resumed.config
-        run_dir = last.parent
-        try:
-            state = json.loads(resumed.metadata["resume"])
-        except (KeyError, ValueError):
-            raise WeatInputError(f"--resume: {last} has no resume state (a model.safetensors?); expected a run directory or its last.safetensors") from None
     elif cfg is None:
         raise ValueError("fit() needs a config unless it resumes a run")
 
@@ -280,8 +271,9 @@ def fit(
             run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
         lock = _RunLock(run_dir) if ctx.main else nullcontext()
         with lock, engine_options(cuda_graphs=t.cuda_graphs, fused_update=t.compile):
-            result = _fit_locked(cfg, dataset, device, run_dir, resumed, state, emit if ctx.main else ignore_event,
-                                 interrupt, ctx)
+            result = _fit_locked(cfg=cfg, dataset=dataset, device=device, run_dir=run_dir, ctx=ctx,
+                                 emit=emit if ctx.main else ignore_event, interrupt=interrupt, resumed=resumed,
+                                 state=state)
         completed = True
         return result
     except TrainingInterrupted:
@@ -292,7 +284,101 @@ def fit(
             dist_mod.shutdown(completed=completed)
 
 
-def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, interrupt, ctx) -> FitResult:
+def _read_resume(resume: Path) -> tuple[ckpt.Checkpoint, dict[str, Any], Path]:
+    """--resume (a run directory or its last.safetensors): the checkpoint, its parsed resume state
+    and the run directory, checked before any slow work."""
+    last = resume if resume.suffix == ".safetensors" else resume / "last.safetensors"
+    if not last.is_file():
+        raise WeatInputError(f"--resume: {last} not found (expected a run directory written by weat train)")
+    resumed = ckpt.load(last)
+    try:
+        state = json.loads(resumed.metadata["resume"])
+    except (KeyError, ValueError):
+        raise WeatInputError(f"--resume: {last} has no resume state (a model.safetensors?); expected a run directory or its last.safetensors") from None
+    return resumed, state, last.parent
+
+
+@dataclass
+class _Run:
+    """What every step of one run reads: its inputs and what `_set_up` built from them. Set once;
+    what moves from batch to batch lives in `_Progress`."""
+
+    cfg: RunConfig
+    dataset: data_mod.Dataset
+    device: torch.device
+    run_dir: Path
+    ctx: dist_mod.Context
+    emit: EventFn  # the caller's on_event on rank 0, ignore_event on the other ranks
+    interrupt: Interrupt
+    model: nn.Module  # the weights: the optimizer steps them, checkpoints are written from them
+    net: nn.Module  # `model` or its torch.compile'd view (same parameters): attacks and evaluation
+    train_net: nn.Module  # `net`, inside DDP with several ranks (gradient all-reduce): the training forward
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    loss_fn: Loss
+    batch_size: int  # the global batch, at most the training set's size
+    batches: int  # per epoch: the ragged last batch is dropped (fixed shapes every step)
+    meta_common: dict[str, int]  # num_classes, in_channels, image_size for every checkpoint's metadata
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run: the learning-rate schedule's length."""
+        return self.batches * self.cfg.train.epochs
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def _initial_best() -> dict[str, Any]:
+    return {"robust_accuracy": -1.0, "epoch": 0, "clean_accuracy": 0.0, "score": -1.0}
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: what last.safetensors saves and `_restore` reads back."""
+
+    start_epoch: int = 0  # the first epoch (0-based) this process trains
+    start_batch: int = 0  # the batch that epoch starts at: non-zero only after a mid-epoch stop
+    generator_state: torch.Tensor | None = None  # that epoch's generator at start_batch
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the epoch's running 0-d sums (this rank's)
+    best: dict[str, Any] = field(default_factory=_initial_best)  # the selected epoch and its accuracies
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows, one an epoch
+
+
+def _fit_locked(*, cfg: RunConfig, dataset: data_mod.Dataset, device: torch.device, run_dir: Path,
+                ctx: dist_mod.Context, emit: EventFn, interrupt: Interrupt, resumed: ckpt.Checkpoint | None,
+                state: dict[str, Any]) -> FitResult:
+    """The run, top to bottom, once the run directory is ours (rank 0 holds its lock).
+
+    resumed/state: the last.safetensors being continued and its parsed resume state, or None/{}.
+    """
+    run = _set_up(cfg=cfg, dataset=dataset, device=device, run_dir=run_dir, ctx=ctx, emit=emit, interrupt=interrupt)
+    progress = _restore(run, resumed=resumed, state=state)
+    _write_run_files(run, progress)
+    if resumed is None:  # from here on the run directory always holds a last.safetensors to resume from
+        _save_last(run, progress, epoch=0, batch=0, generator=None)
+    t = cfg.train
+    emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": run.batches,
+                   "start_epoch": progress.start_epoch, "device": str(device), "method": t.method,
+                   "dataset": cfg.data.dataset, "history": list(progress.history)})
+    t0 = time.perf_counter()
+    for epoch in range(progress.start_epoch, t.epochs):
+        e0 = time.perf_counter()
+        _train_epoch(run, progress, epoch=epoch)
+        train_seconds = time.perf_counter() - e0
+        row = _epoch_row(run, progress, epoch=epoch, started=e0, train_seconds=train_seconds)
+        _select_and_save(run, progress, row=row)
+        emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": progress.best["epoch"]})
+        if _stop_requested(interrupt, ctx, True, device):
+            raise TrainingInterrupted(run_dir, epoch + 1, run.batches)
+    return _result(run, progress, seconds=time.perf_counter() - t0)
+
+
+def _set_up(*, cfg: RunConfig, dataset: data_mod.Dataset, device: torch.device, run_dir: Path,
+            ctx: dist_mod.Context, emit: EventFn, interrupt: Interrupt) -> _Run:
+    """Model (initialised from train.seed: the only use of the global RNG), precision, backends,
+    memory format, compile, DDP, optimizer and gradient scaler, in that order."""
     t = cfg.train
     torch.manual_seed(t.seed)  # model initialisation only; everything else uses explicit generators
     model = build(cfg.model.arch, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
@@ -313,162 +399,221 @@ def _fit_locked(cfg, dataset, device, run_dir: Path, resumed, state, emit, inter
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 nesterov=t.nesterov, foreach=None if fused else True, fused=fused or None)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    loss_fn = LOSSES[t.method]
-    meta_common = dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size)
-
     n_train = len(dataset.train_x)
     batch_size = min(t.batch_size, n_train)
-    batches = n_train // batch_size  # drop the ragged last batch: fixed shapes every step
-    total_steps = batches * t.epochs
-    eval_x, eval_y = dataset.test_x[: t.eval_n], dataset.test_y[: t.eval_n]
-    energy_x, energy_y = dataset.train_x[: t.energy_n], dataset.train_y[: t.energy_n]
+    return _Run(cfg=cfg, dataset=dataset, device=device, run_dir=run_dir, ctx=ctx, emit=emit, interrupt=interrupt,
+                model=model, net=net, train_net=train_net, optimizer=optimizer, scaler=scaler,
+                loss_fn=LOSSES[t.method], batch_size=batch_size, batches=n_train // batch_size,
+                meta_common=dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels,
+                                 image_size=dataset.image_size))
 
-    start_epoch, start_batch = 0, 0
-    sums: dict[str, torch.Tensor] = {}
-    best: dict[str, Any] = {"robust_accuracy": -1.0, "epoch": 0, "clean_accuracy": 0.0, "score": -1.0}
-    gen_state = None
+
+def _restore(run: _Run, *, resumed: ckpt.Checkpoint | None, state: dict[str, Any]) -> _Progress:
+    """Weights, optimizer, scaler, selection and (after a mid-epoch stop) the epoch's generator and
+    running sums from last.safetensors; the metrics rows up to the resumed epoch. A fresh run: none."""
+    progress = _Progress()
     if resumed is not None:
-        model.load_state_dict(resumed.model.state_dict())
-        _restore_optimizer(optimizer, resumed.extra, device)
-        start_epoch, start_batch = state["epoch"], state["batch"]
-        best = state["best"]
+        run.model.load_state_dict(resumed.model.state_dict())
+        _restore_optimizer(run.optimizer, resumed.extra, run.device)
+        progress.start_epoch, progress.start_batch = state["epoch"], state["batch"]
+        progress.best = state["best"]
         if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        sums = {k[len(ckpt.STATE_PREFIX) + 4 :]: v.to(device) for k, v in resumed.extra.items()
-                if k.startswith(ckpt.STATE_PREFIX + "sum/")}
-        if not ctx.main:  # the saved sums are global: rank 0 carries them on, the others start at 0
+            run.scaler.load_state_dict(state["scaler"])
+        prefix = ckpt.STATE_PREFIX + "sum/"
+        sums = {k[len(prefix) :]: v.to(run.device) for k, v in resumed.extra.items() if k.startswith(prefix)}
+        if not run.ctx.main:  # the saved sums are global: rank 0 carries them on, the others start at 0
             sums = {k: torch.zeros_like(v) for k, v in sums.items()}
-        gen_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
-    metrics_path = run_dir / "metrics.jsonl"
-    history = _read_metrics(metrics_path, start_epoch)
-    if ctx.main:
-        # Temp files of atomic writes a killed run left behind (rank 0 holds the lock: nobody else writes here).
-        remove_stale_temps(run_dir / "last.safetensors", run_dir / "model.safetensors", metrics_path,
-                           run_dir / "config.toml", run_dir / "snapshots" / "epoch-*.safetensors")
-        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        progress.sums = sums
+        progress.generator_state = resumed.extra.get(ckpt.STATE_PREFIX + "generator")
+    progress.history = _read_metrics(run.metrics_path, progress.start_epoch)
+    return progress
 
-    def save_last(epoch: int, batch: int, generator: torch.Generator | None) -> None:
-        global_sums = dist_mod.all_reduce_sums(sums) if batch else {}  # a collective: every rank calls it
-        if not ctx.main:
-            return
-        tensors = ckpt.state_dict_of(model)
-        tensors.update(_optimizer_tensors(optimizer))
-        if batch:  # mid-epoch: the epoch's generator and running sums make the replay exact
-            tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
-            tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in global_sums.items()})
-        meta = ckpt.model_metadata(cfg, epoch=epoch, metrics=history[-1] if history else {}, **meta_common)
-        resume_state = {"epoch": epoch, "batch": batch, "best": best}
-        if scaler.is_enabled():
-            resume_state["scaler"] = scaler.state_dict()
-        meta["resume"] = json.dumps(resume_state)
-        _write_checkpoint(run_dir / "last.safetensors", tensors, meta)
 
-    if resumed is None:  # from here on the run directory always holds a last.safetensors to resume from
-        save_last(0, 0, None)
-    emit("start", {"run_dir": str(run_dir), "epochs": t.epochs, "batches": batches, "start_epoch": start_epoch,
-                   "device": str(device), "method": t.method, "dataset": cfg.data.dataset, "history": list(history)})
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, t.epochs):
-        e0 = time.perf_counter()
-        g = generator_for(device, t.seed, epoch)
-        perm = torch.randperm(n_train, generator=g, device=device)
-        if epoch == start_epoch and start_batch:
-            g.set_state(gen_state.to(g.get_state().device))
+def _write_run_files(run: _Run, progress: _Progress) -> None:
+    """Rank 0: clear the temp files of atomic writes a killed run left behind (it holds the lock:
+    nobody else writes here), then write config.toml and the metrics kept so far."""
+    if not run.ctx.main:
+        return
+    d = run.run_dir
+    remove_stale_temps(d / "last.safetensors", d / "model.safetensors", run.metrics_path,
+                       d / "config.toml", d / "snapshots" / "epoch-*.safetensors")
+    atomic_write_text(d / "config.toml", run.cfg.to_toml())
+    _write_metrics(run, progress.history)
+
+
+def _write_metrics(run: _Run, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _save_last(run: _Run, progress: _Progress, *, epoch: int, batch: int, generator: torch.Generator | None) -> None:
+    """Write last.safetensors: weights, optimizer state and where to resume (`epoch` epochs done,
+    `batch` batches into the next). Mid-epoch (batch > 0) the epoch's generator and running sums
+    make the replay exact; their all-reduce is a collective, so every rank calls this."""
+    global_sums = dist_mod.all_reduce_sums(progress.sums) if batch else {}
+    if not run.ctx.main:
+        return
+    tensors = ckpt.state_dict_of(run.model)
+    tensors.update(_optimizer_tensors(run.optimizer))
+    if batch:
+        tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
+        tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in global_sums.items()})
+    history = progress.history
+    meta = ckpt.model_metadata(run.cfg, epoch=epoch, metrics=history[-1] if history else {}, **run.meta_common)
+    resume_state = {"epoch": epoch, "batch": batch, "best": progress.best}
+    if run.scaler.is_enabled():
+        resume_state["scaler"] = run.scaler.state_dict()
+    meta["resume"] = json.dumps(resume_state)
+    _write_checkpoint(run.run_dir / "last.safetensors", tensors, meta)
+
+
+def _train_epoch(run: _Run, progress: _Progress, *, epoch: int) -> None:
+    """One pass over the training set in the order drawn from the epoch's own generator (seed,
+    epoch), which then draws the crops, flips and attack starts. The running loss is checked every
+    SYNC_EVERY batches. A stop mid-epoch saves and raises TrainingInterrupted; a stop at the last
+    batch lets the epoch finish (the caller stops after it)."""
+    t, device = run.cfg.train, run.device
+    g = generator_for(device, t.seed, epoch)
+    perm = torch.randperm(len(run.dataset.train_x), generator=g, device=device)
+    if progress.start_batch:  # resuming mid-epoch: the saved stream and sums carry on
+        g.set_state(progress.generator_state.to(g.get_state().device))
+    else:
+        progress.sums = {}
+    run.net.train()
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based batch, -1: none yet
+    for b in range(progress.start_batch, run.batches):
+        x, y = _batch(run, perm=perm, batch=b, generator=g)
+        lr = lr_at(epoch * run.batches + b, run.total_steps, run.cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        stats, first_bad = _train_step(run, x=x, y=y, generator=g, epoch=epoch, batch=b, first_bad=first_bad)
+        sums = progress.sums
+        for k, v in stats.items():
+            sums[k] = sums[k] + v.float() if k in sums else v.detach().float().clone()
+        at_check = (b + 1) % SYNC_EVERY == 0 or b + 1 == run.batches
+        if at_check and "n" in sums:
+            _check_running_loss(run, progress, epoch=epoch, batch=b, lr=lr, first_bad=first_bad)
+        if _stop_requested(run.interrupt, run.ctx, at_check, device):
+            if b + 1 < run.batches:
+                _save_last(run, progress, epoch=epoch, batch=b + 1, generator=g)
+            else:
+                break  # the epoch is complete: finish it normally, then stop
+            raise TrainingInterrupted(run.run_dir, epoch + 1, b + 1)
+    progress.start_batch = 0
+
+
+def _batch(run: _Run, *, perm: torch.Tensor, batch: int,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `batch` (0-based) of the epoch's permutation, augmented: float images (B, C, H, W) in
+    [0, 1] and labels (B,), B being this rank's slice of the global batch."""
+    ds, d = run.dataset, run.cfg.data
+    idx = perm[batch * run.batch_size : (batch + 1) * run.batch_size]
+    x = data_mod.augment(ds.train_x[idx], generator=generator, padding=d.crop_padding, flip=d.flip)
+    y = ds.train_y[idx]
+    # Every rank augmented the whole global batch (the generators stay in step); keep our slice.
+    x, y = dist_mod.local_batch(x, run.ctx), dist_mod.local_batch(y, run.ctx)
+    if run.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _train_step(run: _Run, *, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, epoch: int,
+                batch: int, first_bad: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The method's loss (attack included) under autocast, then one optimizer step. Returns the
+    batch's 0-d sums (loss x B, n = B, the method's own) and first_bad, updated on the device (no
+    sync) if this batch's loss is non-finite. --nan-policy skip-batch: a batch non-finite on any
+    rank makes no update and counts only as skipped."""
+    t = run.cfg.train
+    with _autocast(run.device, t.precision), engine_options(shard=(run.ctx.rank, run.ctx.world)):
+        loss, stats = run.loss_fn(run.train_net, x, y, run.cfg, generator=generator, progress=epoch / t.epochs)
+    if t.nan_policy == "skip-batch" and not _all_finite(loss, run.ctx):
+        return {"skipped_batches": torch.ones((), device=run.device)}, first_bad
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)  # fp16: skipped by the scaler itself when its gradients overflowed
+    run.scaler.update()
+    stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=run.device), **stats}
+    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), batch + 1, first_bad)
+    return stats, first_bad
+
+
+def _check_running_loss(run: _Run, progress: _Progress, *, epoch: int, batch: int, lr: float,
+                        first_bad: torch.Tensor) -> None:
+    """A host sync: the epoch's mean loss so far over every rank. Non-finite: stop (exit 1) naming
+    the first bad batch; last.safetensors still holds the last good state. Else report progress."""
+    sums = progress.sums
+    seen = dist_mod.all_reduce_sums({"loss": sums["loss"], "n": sums["n"]})
+    running = float(seen["loss"] / seen["n"])
+    if not math.isfinite(running):
+        where = torch.where(first_bad > 0, first_bad, run.batches + 1)
+        raise WeatRunError(
+            f"non-finite loss at epoch {epoch + 1} batch {int(dist_mod.all_reduce_(where, 'min'))} "
+            f"(of {run.batches}); the last good checkpoint is kept in {run.run_dir}"
+        )
+    run.emit("batch", {"epoch": epoch + 1, "batch": batch + 1, "batches": run.batches, "loss": running, "lr": lr})
+
+
+def _epoch_row(run: _Run, progress: _Progress, *, epoch: int, started: float, train_seconds: float) -> dict[str, Any]:
+    """The epoch's metrics row: training averages over every rank, held-out clean and PGD accuracy
+    on the first eval_n test images, energies on the first energy_n training images (both attacks
+    drawn from the fixed EVAL_ATTACK stream), times in seconds. Appended to metrics.jsonl."""
+    t, cfg, ds = run.cfg.train, run.cfg, run.dataset
+    sums = progress.sums = dist_mod.all_reduce_sums(progress.sums)  # the epoch's totals over every rank
+    eval_gen = generator_for(run.device, t.seed, Stream.EVAL_ATTACK)
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * run.batches - 1, run.total_steps, cfg)}
+    if "n" not in sums:
+        raise WeatRunError(f"every batch of epoch {epoch + 1} had a non-finite loss (--nan-policy skip-batch); "
+                           f"the last good checkpoint is kept in {run.run_dir}")
+    row.update(_train_averages(sums))
+    row.update(evaluate(run.net, ds.test_x[: t.eval_n], ds.test_y[: t.eval_n], cfg, generator=eval_gen))
+    row.update(track_energies(run.net, ds.train_x[: t.energy_n], ds.train_y[: t.energy_n], cfg, generator=eval_gen))
+    row["seconds"] = round(time.perf_counter() - started, 3)
+    row["train_seconds"] = round(train_seconds, 3)
+    bad = [k for k, v in run.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeatRunError(f"non-finite weights ({bad[0]}) after epoch {epoch + 1}; "
+                           f"the last good checkpoint is kept in {run.run_dir}")
+    progress.history.append(row)
+    if run.ctx.main:  # every rank evaluated the same model on the same images; rank 0 writes
+        _write_metrics(run, progress.history)
+    return row
+
+
+def _train_averages(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-example means of the epoch's sums (n: examples that made an update)."""
+    n = float(sums["n"])
+    out: dict[str, float] = {"train_loss": float(sums["loss"]) / n}
+    if "skipped_batches" in sums:
+        out["skipped_batches"] = int(sums["skipped_batches"])
+    for key, name in (("correct", "train_accuracy"), ("adv_correct", "train_adv_accuracy"), ("weight", "mean_weight")):
+        if key in sums:
+            out[name] = float(sums[key]) / n
+    return out
+
+
+def _select_and_save(run: _Run, progress: _Progress, *, row: dict[str, Any]) -> None:
+    """Rank 0 updates model.safetensors by --select (best/last/energy); every rank then joins the
+    end-of-epoch last.safetensors write."""
+    if run.ctx.main:
+        if run.cfg.train.select == "energy":
+            progress.best = _select_by_energy(run.run_dir, run.model, run.cfg, progress.history, progress.best,
+                                              run.meta_common)
         else:
-            sums = {}
-        net.train()
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        for b in range(start_batch if epoch == start_epoch else 0, batches):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            x = data_mod.augment(dataset.train_x[idx], generator=g, padding=cfg.data.crop_padding, flip=cfg.data.flip)
-            y = dataset.train_y[idx]
-            # Every rank augmented the whole global batch (the generators stay in step); keep our slice.
-            x, y = dist_mod.local_batch(x, ctx), dist_mod.local_batch(y, ctx)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(epoch * batches + b, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(device, t.precision), engine_options(shard=(ctx.rank, ctx.world)):
-                loss, stats = loss_fn(train_net, x, y, cfg, generator=g, progress=epoch / t.epochs)
-            if t.nan_policy == "skip-batch" and not _all_finite(loss, ctx):
-                # No update from this batch and nothing of it in the epoch's averages.
-                stats = {"skipped_batches": torch.ones((), device=device)}
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)  # fp16: skipped by the scaler itself when its gradients overflowed
-                scaler.update()
-                stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=device), **stats}
-                # The first non-finite batch, recorded on the device (no sync) and reported at the next check.
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
-            for k, v in stats.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.detach().float().clone()
-            at_check = (b + 1) % SYNC_EVERY == 0 or b + 1 == batches
-            if at_check and "n" in sums:
-                seen = dist_mod.all_reduce_sums({"loss": sums["loss"], "n": sums["n"]})
-                running = float(seen["loss"] / seen["n"])
-                if not math.isfinite(running):
-                    where = torch.where(first_bad > 0, first_bad, batches + 1)
-                    raise WeatRunError(
-                        f"non-finite loss at epoch {epoch + 1} batch {int(dist_mod.all_reduce_(where, 'min'))} "
-                        f"(of {batches}); the last good checkpoint is kept in {run_dir}"
-                    )
-                emit("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": batches, "loss": running, "lr": lr})
-            if _stop_requested(interrupt, ctx, at_check, device):
-                if b + 1 < batches:
-                    save_last(epoch, b + 1, g)
-                else:
-                    break  # the epoch is complete: finish it normally, then stop below
-                raise TrainingInterrupted(run_dir, epoch + 1, b + 1)
-        start_batch = 0
-        train_seconds = time.perf_counter() - e0
+            progress.best = _select_by_accuracy(run.run_dir, run.model, run.cfg, row, progress.best, run.meta_common)
+    _save_last(run, progress, epoch=row["epoch"], batch=0, generator=None)
 
-        sums = dist_mod.all_reduce_sums(sums)  # the epoch's totals over every rank
-        eval_gen = generator_for(device, t.seed, Stream.EVAL_ATTACK)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at((epoch + 1) * batches - 1, total_steps, cfg)}
-        if "n" not in sums:
-            raise WeatRunError(f"every batch of epoch {epoch + 1} had a non-finite loss (--nan-policy skip-batch); "
-                               f"the last good checkpoint is kept in {run_dir}")
-        n = float(sums["n"])
-        row["train_loss"] = float(sums["loss"]) / n
-        if "skipped_batches" in sums:
-            row["skipped_batches"] = int(sums["skipped_batches"])
-        if "correct" in sums:
-            row["train_accuracy"] = float(sums["correct"]) / n
-        if "adv_correct" in sums:
-            row["train_adv_accuracy"] = float(sums["adv_correct"]) / n
-        if "weight" in sums:
-            row["mean_weight"] = float(sums["weight"]) / n
-        row.update(evaluate(net, eval_x, eval_y, cfg, generator=eval_gen))
-        row.update(track_energies(net, energy_x, energy_y, cfg, generator=eval_gen))
-        row["seconds"] = round(time.perf_counter() - e0, 3)
-        row["train_seconds"] = round(train_seconds, 3)
-        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise WeatRunError(f"non-finite weights ({bad[0]}) after epoch {epoch + 1}; the last good checkpoint is kept in {run_dir}")
-        history.append(row)
-        if ctx.main:  # every rank evaluated the same model on the same images; rank 0 writes
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            if t.select == "energy":
-                best = _select_by_energy(run_dir, model, cfg, history, best, meta_common)
-            else:
-                best = _select_by_accuracy(run_dir, model, cfg, row, best, meta_common)
-        save_last(epoch + 1, 0, None)
-        emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": best["epoch"]})
-        if _stop_requested(interrupt, ctx, True, device):
-            raise TrainingInterrupted(run_dir, epoch + 1, batches)
 
+def _result(run: _Run, progress: _Progress, *, seconds: float) -> FitResult:
+    """The selected model (model.safetensors), its accuracies and the whole history."""
+    best = progress.best
     return FitResult(
-        checkpoint=run_dir / "model.safetensors",
-        run_dir=run_dir,
+        checkpoint=run.run_dir / "model.safetensors",
+        run_dir=run.run_dir,
         clean_accuracy=best["clean_accuracy"],
         robust_accuracy=best["robust_accuracy"],
-        epochs=t.epochs,
+        epochs=run.cfg.train.epochs,
         best_epoch=best["epoch"],
-        seconds=time.perf_counter() - t0,
-        history=history,
+        seconds=seconds,
+        history=progress.history,
     )
 
 
