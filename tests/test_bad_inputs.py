@@ -252,7 +252,7 @@ CASES = [
     _case("train-negative-attack-steps",
           lambda d, c: (["train", "--set", "attack.steps=-2"], ["attack.steps", "-2"])),
     _case("train-negative-epochs", lambda d, c: (["train", "--epochs", "-3"], ["train.epochs", "-3"])),
-    _case("train-unknown-method", lambda d, c: (["train", "--method", "fgsm-at"], ["train.method", "fgsm-at"])),
+    _case("train-unknown-method", lambda d, c: (["train", "--method", "fgsm-xyz"], ["train.method", "fgsm-xyz"])),
     _case("train-unknown-dataset", lambda d, c: (["train", "--dataset", "mnist"], ["data.dataset", "mnist"])),
     _case("attack-unknown-attack", lambda d, c: (["attack", c, "--attack", "deepfool"], ["--attack", "deepfool"])),
     _case("attack-negative-steps", lambda d, c: (["attack", c, "--steps", "-5"], ["--steps", "-5"])),

@@ -87,7 +87,7 @@ def test_train_flags_reach_the_engine(captured, capsys):
         (["train", "--eps", "-0.1"], "attack.eps"),
         (["train", "--epochs", "-3"], "train.epochs"),
         (["train", "--dataset", "mnist"], "data.dataset"),
-        (["train", "--method", "fgsm"], "train.method"),
+        (["train", "--method", "fgsm-xyz"], "train.method"),
         (["train", "--preset", "nope"], "preset"),
         (["train", "--set", "train.nope=1"], "train.nope"),
         (["train", "--set", "oops"], "--set"),

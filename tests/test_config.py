@@ -18,7 +18,11 @@ REQUIRED = {
     "digits-weat", "digits-trades", "digits-pgd-at", "digits-standard",
     *(f"cifar10-{m}" for m in ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat")),
     "cifar100-weat-adv", "svhn-weat-adv", "tinyimagenet-weat-adv",
+    *(f"{d}-{m}" for d in ("digits", "cifar10") for m in ("fgsm-rs", "n-fgsm", "fgsm-rs-der")),
 }
+# A preset name may end in a variant suffix after the method: -der (with the Delta Energy
+# Regulariser), -co (set up to show catastrophic overfitting), -ro (robust overfitting).
+VARIANT_SUFFIXES = ("-der", "-co", "-ro")
 
 
 def test_required_presets_are_shipped():
@@ -34,7 +38,10 @@ def test_every_preset_file_loads_and_is_consistent(name):
     # The name says the dataset and the method: the file must agree with it.
     prefix, _, method = name.partition("-")
     assert config_mod.DATASET_PRESET_PREFIX[cfg.data.dataset] == prefix
+    variant = next((v for v in VARIANT_SUFFIXES if method.endswith(v) and method[: -len(v)] in config_mod.METHODS), "")
+    method = method.removesuffix(variant)
     assert cfg.train.method == config_mod.METHOD_ALIASES.get(method, method)
+    assert (cfg.train.der_weight > 0) == (variant == "-der")  # DER on exactly in the -der presets
 
 
 def test_paper_recipe_in_cifar_presets():
@@ -64,7 +71,8 @@ def test_parse_fraction_rejects(text):
         ({"attack.eps": "8/0"}, "attack.eps"),
         ({"attack.eps": "2"}, "attack.eps"),
         ({"attack.eps": "0"}, "attack.eps"),
-        ({"train.method": "fgsm"}, "train.method"),
+        ({"train.method": "fgsm-xyz"}, "train.method"),
+        ({"train.method": "standard", "train.der_weight": 0.5}, "der_weight"),
         ({"train.epochs": -1}, "train.epochs"),
         ({"train.device": "tpu"}, "train.device"),
         ({"data.dataset": "imagenet"}, "data.dataset"),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from weatcli.errors import WeatInputError
-from weatcli.phases import Phases, detect_phase3, detect_phases, energy_select_epoch, read_metrics
+from weatcli.phases import (Phases, detect_catastrophic_overfitting, detect_phase3, detect_phases,
+                            energy_select_epoch, read_metrics)
 
 N_EPOCHS, CHANGE = 100, 70
 
@@ -121,9 +122,11 @@ def test_best_epoch_is_argmax_of_robust_accuracy():
 
 
 def test_phases_to_dict():
-    p = Phases(phase2_start=10, phase3_start=70, plateau_delta=0.5, best_epoch=69)
-    assert p.to_dict() == {"phase2_start": 10, "phase3_start": 70, "plateau_delta": 0.5, "best_epoch": 69}
+    p = Phases(phase2_start=10, phase3_start=70, plateau_delta=0.5, best_epoch=69, catastrophic_overfitting_epoch=12)
+    assert p.to_dict() == {"phase2_start": 10, "phase3_start": 70, "plateau_delta": 0.5, "best_epoch": 69,
+                           "catastrophic_overfitting_epoch": 12}
     assert json.loads(json.dumps(p.to_dict())) == p.to_dict()
+    assert Phases(10, 70, 0.5, 69).catastrophic_overfitting_epoch is None
 
 
 def test_read_metrics_round_trip(tmp_path):
@@ -152,3 +155,134 @@ def test_read_metrics_missing_file(tmp_path):
     with pytest.raises(WeatInputError, match=r"run/metrics\.jsonl: no such file") as info:
         read_metrics(tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- phase 3 only after a plateau
+# PGD-AT's dE(x) leaves 0 in phase 1: it falls from 0 to a negative level, then plateaus. The descent
+# itself (however slow, noisy, or delayed by a warm-up lag) is never phase 3.
+
+
+def pgd_at_delta(seed: int, *, n: int = 120, level: float = -1.5, tau: float = 8.0, sigma: float = 0.03,
+                 shape: str = "exp", lag: int = 0, change: int | None = None, rate: float = 0.0) -> np.ndarray:
+    """dE(x) per epoch: `lag` epochs at 0, a descent to `level` (exponential with time constant tau,
+    or linear over 3 tau epochs), a plateau, and from epoch `change` a drift of `rate` per epoch."""
+    rng = np.random.default_rng(seed)
+    t = np.maximum(np.arange(n, dtype=float) - lag, 0.0)
+    x = level * (1 - np.exp(-t / tau)) if shape == "exp" else level * np.minimum(t / (3 * tau), 1.0)
+    if change is not None:
+        x = x + rate * np.maximum(np.arange(1, n + 1) - change + 1, 0)
+    return x + rng.normal(0.0, sigma, n)
+
+
+def _rows(delta, **extra_columns) -> list[dict]:
+    return [{"epoch": i + 1, "delta_energy": float(v), **{k: float(c[i]) for k, c in extra_columns.items()}}
+            for i, v in enumerate(delta)]
+
+
+@pytest.mark.parametrize("tau", [2.0, 8.0, 15.0])
+@pytest.mark.parametrize("rate", [-0.05, 0.05])
+def test_divergence_after_a_plateau_is_phase3_and_the_descent_is_not(tau, rate):
+    for seed in range(10):
+        delta = pgd_at_delta(seed, tau=tau, change=80, rate=rate)
+        phase3 = detect_phase3(delta)
+        assert phase3 is not None and 80 <= phase3 <= 80 + 6, (seed, phase3)  # never before the planted start
+        phases = detect_phases(_rows(delta))
+        assert phases.phase3_start == phase3 and phases.plateau_delta == pytest.approx(-1.5, abs=0.1)
+        assert phases.phase2_start > tau  # the plateau starts after the descent, not during it
+
+
+@pytest.mark.parametrize("shape, tau, sigma, seeds", [
+    ("exp", 8.0, 0.03, 200),  # the PGD-AT-like case: 200 noise draws
+    *((shape, tau, sigma, 25) for shape in ("exp", "linear") for tau, sigma in ((2.0, 0.01), (5.0, 0.1), (20.0, 0.03))),
+])
+def test_descent_then_plateau_has_no_phase3_and_no_co(shape, tau, sigma, seeds):
+    """Noise draws of a descent and a plateau: no phase 3, no catastrophic overfitting, ever."""
+    flagged = []
+    for seed in range(seeds):
+        delta = pgd_at_delta(seed, tau=tau, sigma=sigma, shape=shape)
+        phases = detect_phases(_rows(delta))
+        if phases.phase3_start is not None or phases.catastrophic_overfitting_epoch is not None:
+            flagged.append((seed, phases.phase3_start, phases.catastrophic_overfitting_epoch))
+    assert flagged == []
+
+
+@pytest.mark.parametrize("lag", [3, 6, 10])
+def test_a_lag_before_the_descent_is_not_a_plateau(lag):
+    """A few flat epochs at 0 (warm-up learning rates) then the descent: not phase 2 then phase 3."""
+    for seed in range(20):
+        assert detect_phase3(pgd_at_delta(seed, lag=lag, tau=5.0)) is None
+        assert detect_phase3(pgd_at_delta(seed, lag=lag, tau=5.0, change=80, rate=-0.05)) in range(80, 87)
+
+
+def test_the_reported_phase1_false_positive_is_gone():
+    """A slow, smooth descent (robust accuracy still climbing): the old rule took its first five
+    epochs for a plateau (within 10% of the level) and flagged phase 3 at epoch 6."""
+    delta = pgd_at_delta(0, tau=25.0, sigma=0.005, shape="linear")
+    assert detect_phase3(delta) is None
+    assert detect_phases(_rows(delta)).phase2_start is None or detect_phases(_rows(delta)).phase2_start > 20
+
+
+# ----------------------------------------------------------------------------- catastrophic overfitting
+
+
+def co_delta(seed: int, *, n: int = 30, at: int = 15, jump: float = 2.0, width: int = 1, sigma: float = 0.03):
+    """Single-step AT: dE(x) descends to a stable level, then at epoch `at` breaks by `jump` within
+    `width` epochs and stays there (noisier)."""
+    rng = np.random.default_rng(seed)
+    ep = np.arange(1, n + 1)
+    x = -1.5 * (1 - np.exp(-(ep - 1) / 3.0)) + rng.normal(0.0, sigma, n)
+    return x + jump * np.clip((ep - at + 1) / width, 0, 1) + np.where(ep >= at, rng.normal(0.0, 2 * sigma, n), 0.0)
+
+
+@pytest.mark.parametrize("jump", [-2.0, 1.0, 3.0])
+@pytest.mark.parametrize("width", [1, 2])
+def test_catastrophic_overfitting_is_found_at_its_epoch(jump, width):
+    for seed in range(40):
+        at = 12 + seed % 12
+        epoch = detect_catastrophic_overfitting(_rows(co_delta(seed, at=at, jump=jump, width=width)))
+        assert epoch is not None and abs(epoch - at) <= 1, (seed, at, epoch)
+
+
+@pytest.mark.parametrize("rate", [0.05, -0.05, 0.1])
+def test_no_catastrophic_overfitting_on_smooth_pgd_at_series(rate):
+    """Phase 1, a plateau and a gradual phase-3 drift: robust overfitting, not CO."""
+    for seed in range(30):
+        for tau in (1.0, 5.0):
+            delta = pgd_at_delta(seed, tau=tau, sigma=0.01, change=60, rate=rate)
+            assert detect_catastrophic_overfitting(_rows(delta)) is None
+
+
+def test_catastrophic_overfitting_needs_the_break_to_stay():
+    delta = co_delta(0, at=15, jump=2.0)
+    glitch = delta.copy()
+    glitch[15:] -= 2.0  # back after one epoch
+    assert detect_catastrophic_overfitting(_rows(glitch)) is None
+    assert detect_catastrophic_overfitting(_rows(delta[:15])) is None  # the last epoch: not confirmed yet
+    assert detect_catastrophic_overfitting(_rows(delta[:16])) == 15
+    assert detect_catastrophic_overfitting(_rows(delta[:5])) is None  # too short to have a recent range
+
+
+def test_training_attack_accuracy_is_supporting_evidence_only():
+    """A moderate break (8 sigma) counts only with the training attack's accuracy jumping up with it;
+    a large one counts from dE(x) alone, whatever that accuracy does."""
+    rng = np.random.default_rng(3)
+    delta = -1.5 + rng.normal(0.0, 0.01, 30)
+    delta[18:] += 8 * 0.03  # 8 sigma of the changes (floored at 2% of |dE|, 0.03)
+    acc_flat = np.full(30, 0.45)
+    acc_jump = np.where(np.arange(1, 31) >= 19, 0.9, 0.45)
+    assert detect_catastrophic_overfitting(_rows(delta)) is None
+    assert detect_catastrophic_overfitting(_rows(delta, train_attack_accuracy=acc_flat)) is None
+    assert detect_catastrophic_overfitting(_rows(delta, train_attack_accuracy=acc_jump)) == 19
+    big = delta.copy()
+    big[18:] += 2.0
+    assert detect_catastrophic_overfitting(_rows(big)) == detect_catastrophic_overfitting(
+        _rows(big, train_attack_accuracy=acc_flat)) == 19
+
+
+def test_energy_select_stops_before_catastrophic_overfitting():
+    rows = _rows(co_delta(1, at=18, jump=3.0))
+    phases = detect_phases(rows)
+    assert phases.catastrophic_overfitting_epoch == 18
+    assert energy_select_epoch(rows) == 17
+    with pytest.raises(ValueError, match="history"):
+        detect_catastrophic_overfitting(rows, history=1)

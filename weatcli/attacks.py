@@ -2,7 +2,8 @@
 target selection for targeted attacks, and an adapter to the official AutoAttack package.
 
 Every attack takes float NCHW images in [0,1] and guarantees |x_adv - x| <= eps and
-0 <= x_adv <= 1. Engine rules (docs/design.md#engine-rules): gradients are taken w.r.t. the input only with the
+0 <= x_adv <= 1 (the one exception, asked for explicitly: `pgd(..., project=False)`, N-FGSM's
+unprojected step, which keeps only 0 <= x_adv <= 1). Engine rules (docs/design.md#engine-rules): gradients are taken w.r.t. the input only with the
 parameters frozen, clean outputs are computed once by the caller (`p_nat`), Linf projection bounds
 are precomputed so a step is one add and one clamp, shapes stay fixed, and nothing in the loop
 syncs with the host.
@@ -88,19 +89,20 @@ def _draw(sample, shape: tuple[int, ...], x: torch.Tensor, generator) -> torch.T
     return full[rank * shape[0] : (rank + 1) * shape[0]]
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, init: Init, init_std: float, generator) -> torch.Tensor:
+def _random_start(x: torch.Tensor, radius: float, norm: str, init: Init, init_std: float, generator) -> torch.Tensor:
+    """The attack's starting point; `radius` is the half-width of the uniform start (eps for PGD)."""
     if init == "none":
         return x.clone()
     if init == "normal":  # TRADES / MART: x + 0.001 * N(0, 1)
         return x + init_std * _draw(torch.randn, x.shape, x, generator)
     if norm == "linf":
         u = _draw(torch.rand, x.shape, x, generator)
-        return x + (2 * u - 1) * eps
-    # L2: a direction uniform on the sphere, a radius uniform in [0, eps].
+        return x + (2 * u - 1) * radius
+    # L2: a direction uniform on the sphere, a radius uniform in [0, radius].
     d = _draw(torch.randn, x.shape, x, generator)
     d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     r = _draw(torch.rand, (x.shape[0], 1, 1, 1), x, generator)
-    return x + d * r * eps
+    return x + d * r * radius
 
 
 def _project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,6 +126,8 @@ def pgd(
     targeted: bool = False,
     init: Init = "uniform",
     init_std: float = 0.001,
+    init_radius: float | None = None,
+    project: bool = True,
     p_nat: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -134,23 +138,31 @@ def pgd(
     L2 norm of the whole image (L2). The caller chooses the model's mode; wrap in `attack_mode` to
     attack in eval mode with frozen weights. Returns x_adv, detached, with
     |x_adv - x|_p <= eps and 0 <= x_adv <= 1.
+
+    The single-step training attacks (docs/science.md#single-step-at) are this loop with steps=1:
+    init_radius: half-width of the uniform start (default eps); N-FGSM starts in k * eps.
+    project: False leaves out the projection onto the eps ball (start and steps are clipped to
+        [0,1] only), as N-FGSM does; then |x_adv - x|_p <= init_radius + steps * step_size.
     """
     fn = OBJECTIVES[objective] if isinstance(objective, str) else objective
     sign = -1.0 if targeted else 1.0
     x = x.detach()
-    x_adv = _random_start(x, eps, norm, init, init_std, generator)
+    x_adv = _random_start(x, eps if init_radius is None else init_radius, norm, init, init_std, generator)
     if norm == "linf":
-        lo = (x - eps).clamp_(min=0.0)  # precomputed so a step is one add and one clamp
-        hi = (x + eps).clamp_(max=1.0)
+        if project:
+            lo = (x - eps).clamp_(min=0.0)  # precomputed so a step is one add and one clamp
+            hi = (x + eps).clamp_(max=1.0)
+        else:  # the image box only: the same add-and-clamp step, with bounds 0 and 1
+            lo, hi = torch.zeros_like(x), torch.ones_like(x)
         x_adv = torch.clamp(x_adv, lo, hi)
     else:
-        x_adv = _project_l2(x_adv, x, eps)
+        x_adv = _project_l2(x_adv, x, eps) if project else x_adv.clamp(0.0, 1.0)
 
     if steps <= 0:
         return x_adv.detach()
     opts = _ENGINE.get()
     update = _fused_linf_update() if (opts.fused_update and norm == "linf") else _linf_update
-    if opts.cuda_graphs and isinstance(objective, str) and x.is_cuda:
+    if opts.cuda_graphs and isinstance(objective, str) and x.is_cuda and (project or norm == "linf"):
         graph = _graph_for(model, objective, sign, norm, eps, step_size, x, y, p_nat)
         if graph is not None:
             return graph.run(x_adv, x, lo if norm == "linf" else None, hi if norm == "linf" else None, y, p_nat, steps)
@@ -163,7 +175,7 @@ def pgd(
             if norm == "linf":
                 x_adv = update(x_adv, grad, lo, hi, step_size)
             else:
-                x_adv = _l2_update(x_adv, grad, x, eps, step_size)
+                x_adv = _l2_update(x_adv, grad, x, eps if project else None, step_size)
     return x_adv.detach()
 
 
@@ -202,9 +214,11 @@ def _linf_update(x_adv: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor, hi: 
     return torch.clamp(x_adv + step_size * grad.sign(), lo, hi)
 
 
-def _l2_update(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, step_size: float) -> torch.Tensor:
+def _l2_update(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float | None, step_size: float) -> torch.Tensor:
+    """A normalised gradient step, projected onto the eps ball (eps None: onto [0,1] only)."""
     g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return _project_l2(x_adv + step_size * grad / g_norm, x, eps)
+    x_adv = x_adv + step_size * grad / g_norm
+    return x_adv.clamp_(0.0, 1.0) if eps is None else _project_l2(x_adv, x, eps)
 
 
 @functools.cache

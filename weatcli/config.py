@@ -30,9 +30,15 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits-weat"
 
 # Canonical training methods (losses.py holds the implementations under the same names) and the
-# aliases users type: `weat` is the paper's method, `sat` is what the paper calls PGD-AT.
-METHODS = ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat")
-METHOD_ALIASES = {"weat": "weat-adv", "sat": "pgd-at", "madry": "pgd-at", "mail": "mail-trades", "ce": "standard"}
+# aliases users type: `weat` is the paper's method, `sat` is what the paper calls PGD-AT, `fgsm` and
+# `rs-fgsm` are FGSM with a random start (Wong et al. 2020), `nfgsm` is N-FGSM (de Jorge et al. 2022).
+METHODS = ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat", "fgsm-rs", "n-fgsm")
+METHOD_ALIASES = {"weat": "weat-adv", "sat": "pgd-at", "madry": "pgd-at", "mail": "mail-trades", "ce": "standard",
+                  "fgsm": "fgsm-rs", "rs-fgsm": "fgsm-rs", "nfgsm": "n-fgsm"}
+# Single-step methods: one attack step; their step is train.fgsm_alpha * eps (attack.steps and
+# attack.step_size are for multi-step PGD only: the per-epoch evaluation uses them).
+SINGLE_STEP_METHODS = ("fgsm-rs", "n-fgsm")
+FGSM_ALPHA_DEFAULT = {"fgsm-rs": 1.25, "n-fgsm": 1.0}
 
 # Which preset a bare `--dataset NAME` starts from: the paper's recipe for that dataset.
 DATASET_PRESET_PREFIX = {
@@ -159,7 +165,8 @@ class AttackConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Method = Field("weat-adv", description="standard, pgd-at, trades, mart, mail-trades, weat-adv, weat-nat")
+    method: Method = Field("weat-adv", description="standard, pgd-at, trades, mart, mail-trades, weat-adv, weat-nat, "
+                           "fgsm-rs, n-fgsm")
     epochs: int = Field(100, ge=1, le=100_000)
     batch_size: int = Field(128, ge=1, le=1_000_000)
     lr: float = Field(0.1, gt=0, le=100)
@@ -176,6 +183,17 @@ class TrainConfig(_Section):
     mail_bias: float = Field(-1.5, description="mail-trades: bias of the probabilistic-margin sigmoid")
     mail_slope: float = Field(1.0, gt=0, description="mail-trades: slope of the probabilistic-margin sigmoid")
     mail_burn_in: float = Field(0.6, ge=0, lt=1, description="mail-trades: fraction of epochs of plain TRADES first")
+    # Single-step AT (docs/science.md#single-step-at): one signed-gradient step from a uniform start.
+    fgsm_alpha: float | None = Field(None, gt=0, description="fgsm-rs, n-fgsm: the attack step as a multiple of "
+                                     "attack.eps (default: 1.25 for fgsm-rs, 1.0 for n-fgsm)")
+    nfgsm_k: float = Field(2.0, ge=0, description="n-fgsm: the start is uniform in [-k eps, k eps], and x* is not "
+                           "projected back to the eps ball")
+    # DER (docs/science.md#der), our reading of the journal's Delta Energy Regulariser:
+    # lambda * mean_i max(0, ||(dE(x_i), dE(x_i, y_i))||_2 - gamma), x* the method's own training attack.
+    der_weight: float = Field(0.0, ge=0, description="DER lambda (0 = off): adds lambda * mean_i max(0, "
+                              "||(dE(x_i), dE(x_i,y_i))||_2 - der_margin) to the loss (our reading of the journal)")
+    der_margin: float = Field(0.0, ge=0, description="DER gamma, energy units: delta-energy norms up to it are "
+                              "not penalised (0: every gap is)")
     seed: int = Field(0, ge=0)
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -209,6 +227,20 @@ class TrainConfig(_Section):
         if any(not 0 < m < 1 for m in v) or v != sorted(v):
             raise ValueError("milestones must be increasing fractions in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _der_needs_adversarial_points(self) -> TrainConfig:
+        if self.der_weight > 0 and self.method == "standard":
+            raise ValueError("der_weight > 0 needs adversarial training points; method standard trains on clean "
+                             "images only (use another method, or der_weight = 0)")
+        return self
+
+    @property
+    def single_step_alpha(self) -> float | None:
+        """fgsm-rs / n-fgsm: the attack step as a multiple of eps (None for multi-step methods)."""
+        if self.method not in SINGLE_STEP_METHODS:
+            return None
+        return FGSM_ALPHA_DEFAULT[self.method] if self.fgsm_alpha is None else self.fgsm_alpha
 
 
 # ----------------------------------------------------------------------------- command sections

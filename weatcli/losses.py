@@ -5,6 +5,9 @@ Each adversarial method first runs its own training attack (`method_attack`) in 
 frozen weights, computing the natural softmax once per batch (the reference implementations
 recompute it at every attack step). `stats` holds per-batch sums as 0-d tensors so the training
 loop can accumulate them without syncing with the host.
+
+Every adversarial method adds the Delta Energy Regulariser when `train.der_weight` > 0
+(docs/science.md#der, `der_per_example`); with der_weight 0 its loss is exactly the method's.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import attack_mode, engine_options_now, pgd
-from .config import METHODS, RunConfig
-from .energy import kl_per_example, weat_weights
+from .config import METHODS, SINGLE_STEP_METHODS, RunConfig
+from .energy import energy, joint_energy, kl_per_example, weat_weights
 
 Stats = dict[str, torch.Tensor]
 Loss = Callable[..., "tuple[torch.Tensor, Stats]"]
@@ -25,7 +28,9 @@ Loss = Callable[..., "tuple[torch.Tensor, Stats]"]
 # Training attack of each method: (objective, random start). TRADES-style methods ascend the KL
 # from x + 0.001 N(0,1); MART's CE attack starts the same way (Wang et al. 2020); PGD-AT starts
 # uniformly in the ball (Madry et al. 2018). `standard` trains on clean images; its entry is the
-# attack used to track its energies (dE) per epoch.
+# attack used to track its energies (dE) per epoch. The single-step methods (docs/science.md#single-step-at)
+# take one CE step from a uniform start: FGSM-RS (Wong et al. 2020) in the eps ball, projected back
+# to it; N-FGSM (de Jorge et al. 2022) in k * eps, not projected (see `training_attack`).
 METHOD_ATTACK = {
     "standard": ("ce", "uniform"),
     "pgd-at": ("ce", "uniform"),
@@ -34,23 +39,59 @@ METHOD_ATTACK = {
     "mail-trades": ("kl", "normal"),
     "weat-adv": ("kl", "normal"),
     "weat-nat": ("kl", "normal"),
+    "fgsm-rs": ("ce", "uniform"),
+    "n-fgsm": ("ce", "uniform"),
 }
+
+
+def training_attack(cfg: RunConfig) -> dict:
+    """The keyword arguments of `attacks.pgd` for the method's training attack (less model, x, y,
+    p_nat and generator). Multi-step methods: the [attack] section as it is. fgsm-rs: one step of
+    alpha * eps (alpha = train.fgsm_alpha, default 1.25) from U(-eps, eps), projected to the ball.
+    n-fgsm: one step of alpha * eps (default alpha 1) from U(-k eps, k eps), k = train.nfgsm_k,
+    clipped to [0,1] only."""
+    t, a = cfg.train, cfg.attack
+    objective, init = METHOD_ATTACK[t.method]
+    kwargs = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm, objective=objective, init=init)
+    if t.method in SINGLE_STEP_METHODS:
+        kwargs.update(steps=1, step_size=t.single_step_alpha * a.eps)
+        if t.method == "n-fgsm":
+            kwargs.update(init_radius=t.nfgsm_k * a.eps, project=False)
+    return kwargs
 
 
 def method_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, generator=None) -> torch.Tensor:
     """The adversarial points x* a method trains on (eval mode, frozen weights)."""
-    objective, init = METHOD_ATTACK[cfg.train.method]
-    a = cfg.attack
+    kwargs = training_attack(cfg)
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # no all-reduce here
     with attack_mode(model):
         p_nat = None
-        if objective == "kl":
+        if kwargs["objective"] == "kl":
             with torch.no_grad():
                 p_nat = F.softmax(model(x).float(), dim=1)  # once per batch, not once per step
-        return pgd(
-            model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm,
-            objective=objective, init=init, p_nat=p_nat, generator=generator,
-        )
+        return pgd(model, x, y, p_nat=p_nat, generator=generator, **kwargs)
+
+
+def der_per_example(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """DER's per-example term max(0, ||(dE(x), dE(x,y))||_2 - margin), dE(x) = E(x) - E(x*) and
+    dE(x,y) = E(x,y) - E(x*,y), in float32; differentiable through both logits. (B, K), (B, K), (B,) -> (B,)
+
+    The norm's gradient at a zero pair is taken as 0 (not NaN), so x* = x is harmless."""
+    d_marginal = energy(logits_nat) - energy(logits_adv)
+    d_joint = joint_energy(logits_nat, y) - joint_energy(logits_adv, y)
+    sq = d_marginal.square() + d_joint.square()
+    norm = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq)
+    return F.relu(norm - margin)
+
+
+def _with_der(loss: torch.Tensor, stats: Stats, logits_nat, logits_adv, y, cfg: RunConfig) -> tuple[torch.Tensor, Stats]:
+    """loss + der_weight * mean_i DER_i when train.der_weight > 0 (`der` in stats: the batch sum of
+    DER_i); the loss unchanged, the very same tensor, when it is 0."""
+    t = cfg.train
+    if t.der_weight == 0:
+        return loss, stats
+    der = der_per_example(logits_nat, logits_adv, y, t.der_margin)
+    return loss + t.der_weight * der.mean(), {**stats, "der": der.detach().sum()}
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -63,12 +104,33 @@ def standard_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: floa
     return loss, {"correct": _correct(logits, y)}
 
 
-def pgd_at_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
-    """Madry et al. 2018: CE on PGD points."""
+def _adversarial_ce(model, x, y, cfg: RunConfig, generator):
+    """CE on the method's own x*; natural logits only when DER needs them (one forward more)."""
     x_adv = method_attack(model, x, y, cfg, generator=generator)
     logits_adv = model(x_adv)
     loss = F.cross_entropy(logits_adv.float(), y)
-    return loss, {"adv_correct": _correct(logits_adv, y)}
+    stats = {"adv_correct": _correct(logits_adv, y)}
+    if cfg.train.der_weight == 0:
+        return loss, stats
+    logits_nat = model(x)
+    return _with_der(loss, {**stats, "correct": _correct(logits_nat, y)}, logits_nat, logits_adv, y, cfg)
+
+
+def pgd_at_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """Madry et al. 2018: CE on PGD points."""
+    return _adversarial_ce(model, x, y, cfg, generator)
+
+
+def fgsm_rs_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """Wong et al. 2020 ("fast is better than free"): CE on x* = P(x0 + alpha eps sign(grad CE(x0))),
+    x0 = x + U(-eps, eps), P the projection onto the eps ball and [0,1]; alpha 1.25 by default."""
+    return _adversarial_ce(model, x, y, cfg, generator)
+
+
+def n_fgsm_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+    """de Jorge et al. 2022 (N-FGSM): CE on x* = clip01(x0 + alpha eps sign(grad CE(x0))),
+    x0 = x + U(-k eps, k eps): no projection onto the eps ball; k 2 and alpha 1 by default."""
+    return _adversarial_ce(model, x, y, cfg, generator)
 
 
 def _trades_terms(model, x, y, cfg, generator):
@@ -83,7 +145,8 @@ def trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float 
     """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(.|x) || p(.|x*)), batch mean of the KL."""
     logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
     loss = F.cross_entropy(logits_nat.float(), y) + cfg.train.beta * kl.mean()
-    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+    stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+    return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
 def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
@@ -102,7 +165,8 @@ def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 
     kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
     p_true = p_nat.gather(1, y[:, None]).squeeze(1)
     loss = boosted_ce.mean() + cfg.train.beta * (kl * (1.0000001 - p_true)).mean()
-    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+    stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
+    return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
 def mail_weights(logits_adv: torch.Tensor, y: torch.Tensor, bias: float, slope: float) -> torch.Tensor:
@@ -132,7 +196,8 @@ def mail_trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: f
     else:
         w = mail_weights(logits_adv, y, t.mail_bias, t.mail_slope)
     loss = F.cross_entropy(logits_nat.float(), y) + t.beta * (w * kl).mean()
-    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+    stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+    return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
 def _weat_loss(model, x, y, cfg: RunConfig, generator, *, ce_on_adversarial: bool):
@@ -141,7 +206,8 @@ def _weat_loss(model, x, y, cfg: RunConfig, generator, *, ce_on_adversarial: boo
     ce_logits = logits_adv if ce_on_adversarial else logits_nat
     ce = F.cross_entropy(ce_logits.float(), y, reduction="none")
     loss = (w * ce).mean() + cfg.train.beta * (w * kl).mean()
-    return loss, {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+    stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
+    return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
 def weat_adv_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
@@ -162,5 +228,7 @@ LOSSES: dict[str, Loss] = {
     "mail-trades": mail_trades_loss,
     "weat-adv": weat_adv_loss,
     "weat-nat": weat_nat_loss,
+    "fgsm-rs": fgsm_rs_loss,
+    "n-fgsm": n_fgsm_loss,
 }
 assert tuple(LOSSES) == METHODS and tuple(METHOD_ATTACK) == METHODS

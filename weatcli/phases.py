@@ -1,4 +1,5 @@
-"""The three phases of adversarial training, read from a run's metrics.jsonl (docs/science.md#phase-detector).
+"""The three phases of adversarial training, and catastrophic overfitting, read from a run's
+metrics.jsonl (docs/science.md#phase-detector, docs/science.md#catastrophic-overfitting).
 
 (1) robust error drops fast while the mean energy gap dE(x) = E(x) - E(x*) leaves 0;
 (2) a long plateau; (3) robust overfitting: dE(x) of PGD-AT moves away from its plateau
@@ -11,19 +12,31 @@ The rule (`detect_phase3`), in energy units (logits) and epochs:
   1. s = centred running median of dE(x) over `window` epochs (a one-epoch spike vanishes).
   2. sigma = noise scale of dE(x): 1.4826 * MAD of the first differences / sqrt(2), which a trend
      or a single step barely moves; raised to the plateau's own MAD scale where that is larger.
-  3. Phase 2 starts at the first epoch p from which s stays within `band` of its median for
-     `min_plateau` epochs (the fast phase-1 change is over).
-  4. For each later epoch t (at least `min_plateau` plateau epochs before it), the plateau level is
-     the median of dE(x) over [p, t) - only the past, so the change never contaminates its own
-     reference - and band = `threshold` or max(4 sigma, 10% of |level|, 1e-3).
-     Phase 3 starts at the first t from which s stays beyond level +- band, on the same side, for
-     `sustain` consecutive epochs. Either sign counts: the paper's "collapse" of dE(x) for PGD-AT
-     is a move away from the plateau, and which way depends on the method and dataset.
-  5. The reported epoch is the onset of that excursion: from t, step back while the smoothed
+     band(level) = `threshold`, or max(4 sigma, 10% of |level|, 1e-3).
+  3. A plateau starts at the first epoch p whose window of `min_plateau` epochs is flat: s stays
+     within the band of its median AND the least-squares drift of dE(x) across the window is under
+     a quarter of the band. The drift test is what keeps phase 1 out: a descent slow enough to stay
+     within 10% of its level over a few epochs still drifts, and is not a plateau.
+  4. The plateau must be established before a departure from it can count: it must last
+     2 * `min_plateau` epochs, or 3 * `min_plateau` when it sits at the level training started
+     from (dE(x) has not left its first value by a band: the flat start may be the lag before
+     phase 1 under small warm-up learning rates). A departure before that is still phase 1 (a
+     pause in the descent, or the lag): the plateau is dropped and the next one searched after it.
+  5. For each later epoch t, the plateau level is the median of dE(x) over [p, t) - only the past,
+     so the change never contaminates its own reference - and band = band(level), with sigma at
+     least the MAD scale of [p, t). Phase 3 starts at the first t from which s stays beyond
+     level +- band, on the same side, for `sustain` consecutive epochs. Either sign counts: the
+     paper's "collapse" of dE(x) for PGD-AT is a move away from the plateau, and which way depends
+     on the method and dataset.
+  6. The reported epoch is the onset of that excursion: from t, step back while the smoothed
      series is still beyond half the band on the same side (a slow drift crosses the full band
-     a few epochs after it starts).
-A flat or noisy series, a short blip, or a series too short to hold phase 1, a plateau of
-`min_plateau` epochs and `sustain` epochs of excursion gives None.
+     a few epochs after it starts), never into the establishing epochs of step 4.
+A flat or noisy series, a short blip, a descent that never settles, or a series too short to hold
+phase 1, an established plateau and `sustain` epochs of excursion gives None.
+
+Catastrophic overfitting (`detect_catastrophic_overfitting`) is a different shape: a break of
+dE(x) out of its recent range within one or two epochs, of many robust sigmas of its epoch-to-epoch
+changes, kept the next epoch. See that function for the rule.
 """
 
 from __future__ import annotations
@@ -43,7 +56,19 @@ NOISE_K = 4.0  # band half-width in noise sigmas: five epochs in a row beyond 4 
 REL_FLOOR = 0.10  # ... and at least 10% of the plateau level, so a tiny-noise run needs a real change
 ABS_FLOOR = 1e-3  # energy units; keeps a noise-free constant series from flagging rounding errors
 ONSET_FRACTION = 0.5  # step back from the confirmed crossing while beyond this fraction of the band
+SETTLE_FRACTION = 0.25  # a plateau window's fitted drift is under a quarter of the band: the trend is over
+PLATEAU_FACTOR = 2  # a plateau must last this many times min_plateau before a departure from it is phase 3
+LAG_FACTOR = 3  # ... and this many where it sits at the level training started from (maybe the lag before phase 1)
 RATE_FRACTION = 0.10  # phase 2 (from robust error): improvement per epoch below 10% of its peak rate
+# Catastrophic overfitting (detect_catastrophic_overfitting): a break of dE(x) within CO_SPAN epochs
+# of CO_K robust sigmas of its last CO_HISTORY epoch-to-epoch changes, that the next epoch keeps.
+CO_HISTORY = 5
+CO_SPAN = 2
+CO_K = 10.0
+CO_K_SUPPORTED = 6.0  # ... when the accuracy under the training attack jumps up with it (CO's other sign)
+CO_ACC_JUMP = 0.15  # that jump: +15 points of train_attack_accuracy over the same epochs
+CO_REL_FLOOR = 0.02  # the change scale is at least 2% of the recent |dE(x)| (a noise-free series needs a real break)
+CO_KEEP = 0.5  # confirmation: the epoch after the break is still beyond half of it
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,7 @@ class Phases:
     phase3_start: int | None  # first epoch of robust overfitting, from the energy gap dE(x) alone
     plateau_delta: float | None  # plateau level of mean dE(x) (energy units), median over phase 2
     best_epoch: int | None  # epoch of best test robust accuracy, where the rows have it
+    catastrophic_overfitting_epoch: int | None = None  # first epoch of a sharp break of dE(x) (single-step AT)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,45 +169,77 @@ class _Scan:
     level: float | None  # median dE(x) over the plateau
 
 
+def _drift(seg: np.ndarray) -> float:
+    """Change across a window of the least-squares line through it (slope * (len - 1))."""
+    t = np.arange(len(seg), dtype=float)
+    t -= t.mean()
+    return float((t * (seg - seg.mean())).sum() / (t * t).sum() * (len(seg) - 1))
+
+
+def _find_plateau(x: np.ndarray, s: np.ndarray, start: int, sigma: float, min_plateau: int,
+                  threshold: float | None) -> int | None:
+    """The first index i >= start whose window of min_plateau points is flat: the smoothed series
+    stays within the band of its median, and the least-squares drift across the window is under
+    SETTLE_FRACTION of the band (the phase-1 trend has died out, not merely slowed under the band)."""
+    for i in range(start, len(x) - min_plateau + 1):
+        seg = s[i : i + min_plateau]
+        level = float(np.median(seg))
+        band = _band(level, sigma, threshold)
+        if np.all(np.abs(seg - level) <= band) and abs(_drift(x[i : i + min_plateau])) <= SETTLE_FRACTION * band:
+            return i
+    return None
+
+
 def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, threshold: float | None) -> _Scan:
     n = len(x)
     if n < min_plateau:
         return _Scan(None, None, None)
     s = _running_median(x, window)
     sigma_noise = _noise_sigma(x)
+    start_level = float(s[0])
 
-    # Phase 2: the first index from which s stays within the band of its local median for
-    # min_plateau points.
-    p = None
-    for i in range(n - min_plateau + 1):
-        seg = s[i : i + min_plateau]
-        level = float(np.median(seg))
-        if np.all(np.abs(seg - level) <= _band(level, sigma_noise, threshold)):
-            p = i
-            break
-    if p is None:
-        return _Scan(None, None, None)
-
-    # Phase 3: the first t whose excursion beyond the past plateau's band lasts `sustain` points.
-    for t in range(p + min_plateau, n - sustain + 1):
-        ref = x[p:t]
-        level = float(np.median(ref))
-        band = _band(level, max(sigma_noise, _mad_sigma(ref)), threshold)
-        dev = s[t : t + sustain] - level
-        if np.all(dev > band) or np.all(dev < -band):
+    first_plateau = None
+    i = 0
+    while True:
+        p = _find_plateau(x, s, i, sigma_noise, min_plateau, threshold)
+        if p is None:
+            # No (further) plateau: report the first one seen, if any, without a phase 3.
+            return _Scan(first_plateau, None, None if first_plateau is None else float(np.median(x[first_plateau:])))
+        if first_plateau is None:
+            first_plateau = p
+        # A plateau at the level training started from (dE has not left it by a band yet) may be the
+        # lag before phase 1 (small warm-up learning rates): it must last LAG_FACTOR times longer.
+        plateau_level = float(np.median(s[p : p + min_plateau]))
+        moved = abs(plateau_level - start_level) > _band(plateau_level, sigma_noise, threshold)
+        need = (PLATEAU_FACTOR if moved else LAG_FACTOR) * min_plateau
+        # Phase 3: the first t whose excursion beyond the past plateau's band lasts `sustain` points.
+        for t in range(p + min_plateau, n - sustain + 1):
+            ref = x[p:t]
+            level = float(np.median(ref))
+            band = _band(level, max(sigma_noise, _mad_sigma(ref)), threshold)
+            dev = s[t : t + sustain] - level
+            if not (np.all(dev > band) or np.all(dev < -band)):
+                continue
+            if t - p < need:
+                # It left the plateau before the plateau was established: that was still phase 1
+                # (a pause in the descent, or the lag before it). Look for the real plateau after it.
+                first_plateau = None if first_plateau == p else first_plateau
+                i = t
+                break
             sign = 1.0 if dev[0] > 0 else -1.0
             onset = t
-            while onset - 1 >= p + min_plateau and sign * (s[onset - 1] - level) > ONSET_FRACTION * band:
+            while onset - 1 >= p + need and sign * (s[onset - 1] - level) > ONSET_FRACTION * band:
                 onset -= 1
             return _Scan(p, onset, float(np.median(x[p:onset])))
-    return _Scan(p, None, float(np.median(x[p:])))
+        else:
+            return _Scan(p, None, float(np.median(x[p:])))
 
 
 def detect_phase3(
     delta: Sequence[float],
     *,
     epochs: Sequence[int] | None = None,
-    min_plateau: int = 5,
+    min_plateau: int = 8,
     window: int = 3,
     threshold: float | None = None,
     sustain: int = 5,
@@ -190,8 +248,8 @@ def detect_phase3(
 
     delta: mean dE(x) per epoch (energy units); non-finite entries are skipped.
     epochs: the 1-based epoch of each entry (default 1, 2, ...).
-    min_plateau: epochs the plateau must last before phase 3 can start (also the flatness
-        window that marks its start).
+    min_plateau: the flatness window that marks a plateau's start, in epochs; the plateau must
+        last twice that (three times at the starting level) before phase 3 can start.
     window: width of the centred running median, in epochs (odd; 1 = no smoothing).
     threshold: band half-width around the plateau level, energy units; None = automatic,
         max(4 sigma, 10% of |level|, 1e-3) with sigma the robust noise scale of the series.
@@ -237,10 +295,71 @@ def _column(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(e, dtype=int), np.asarray(v, dtype=float)
 
 
-def detect_phases(rows: list[dict], *, min_plateau: int = 5, window: int = 3, sustain: int = 5) -> Phases:
+def detect_catastrophic_overfitting(
+    rows: list[dict],
+    *,
+    history: int = CO_HISTORY,
+    k: float = CO_K,
+    span: int = CO_SPAN,
+) -> int | None:
+    """First epoch of catastrophic overfitting, from the training-set dE(x) (`delta_energy`) alone.
+
+    Catastrophic overfitting of single-step AT happens within an epoch or two, and dE(x) - measured
+    with the method's own training attack - breaks away from its recent range when it does
+    (docs/science.md#catastrophic-overfitting). For each epoch i after the first `history` + 1:
+      1. sigma = the robust size of dE(x)'s epoch-to-epoch changes: the noise of its changes over
+         all epochs before i (1.4826 * MAD of the second differences / sqrt(3), which a smooth trend
+         does not move), or the recent trend |median d| over the last `history` changes d (so phase
+         1's steady descent is not a break), or 2% of the recent max |dE(x)|, or 1e-3, the largest;
+      2. a break: for some s in 1..`span`, dE(i + s - 1) lies J beyond the range (min to max) of the
+         last `history` + 1 epochs before i, with |J| > k sigma;
+      3. confirmation: the epoch after the break is still beyond that range by half of J (a
+         one-epoch glitch, or the return from one, is not CO); a break at the last epoch waits.
+    Returns the epoch with the largest single-epoch change inside the break, or None.
+
+    `train_attack_accuracy` (accuracy under the training attack on the same training subset), where
+    the rows have it, is supporting evidence only: a break of CO_K_SUPPORTED sigmas (instead of k)
+    counts when that accuracy rises by CO_ACC_JUMP or more over the same epochs, the other face of
+    CO (the single-step attack stops finding adversarial points). dE(x) alone suffices otherwise.
+    A smooth series - phase 1, a plateau, a gradual phase-3 drift - is not flagged.
+    """
+    if history < 2 or span < 1 or not k > 0:
+        raise ValueError(f"history must be >= 2, span >= 1 and k > 0; got {history}, {span}, {k}")
+    e, x = _column(rows, "delta_energy")
+    e_acc, acc = _column(rows, "train_attack_accuracy")
+    accuracy = dict(zip(e_acc.tolist(), acc.tolist()))
+    n = len(x)
+    for i in range(history + 1, n):
+        recent = x[i - history - 1 : i]
+        d2 = np.diff(x[:i], 2)  # second differences: the noise, blind to smooth trends (var 6 s^2 vs 2 s^2)
+        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(d2 - np.median(d2)))) / math.sqrt(3.0),
+                    abs(float(np.median(np.diff(recent)))),
+                    CO_REL_FLOOR * float(np.abs(recent).max()), ABS_FLOOR)
+        lo, hi = float(recent.min()), float(recent.max())
+        for s in range(1, min(span, n - i) + 1):
+            value = x[i + s - 1]
+            jump = value - hi if value > hi else value - lo if value < lo else 0.0  # beyond the recent range
+            a0, a1 = accuracy.get(int(e[i - 1])), accuracy.get(int(e[i + s - 1]))
+            supported = a0 is not None and a1 is not None and a1 - a0 >= CO_ACC_JUMP
+            if abs(jump) <= (CO_K_SUPPORTED if supported else k) * scale:
+                continue
+            after = i + s
+            if after >= n:
+                return None  # a break at the very last epoch: the next epoch confirms or clears it
+            edge = hi if jump > 0 else lo
+            if np.sign(jump) * (x[after] - edge) < CO_KEEP * abs(jump):
+                continue  # not kept: a glitch
+            steps = np.abs(np.diff(x[i - 1 : i + s]))
+            return int(e[i + int(np.argmax(steps))])
+    return None
+
+
+def detect_phases(rows: list[dict], *, min_plateau: int = 8, window: int = 3, sustain: int = 5) -> Phases:
     """Phase boundaries of one run from its metrics rows (see `read_metrics`).
 
-    phase3_start and plateau_delta come from `delta_energy` alone (`detect_phase3`).
+    phase3_start and plateau_delta come from `delta_energy` alone (`detect_phase3`), and so does
+    catastrophic_overfitting_epoch (`detect_catastrophic_overfitting`, which also reads
+    `train_attack_accuracy` where the rows have it, as supporting evidence).
     phase2_start comes from test robust error (1 - robust_accuracy) where the rows have it - the
     first epoch after its steepest drop where it improves by less than 10% of that peak rate -
     and otherwise from dE(x) settling onto its plateau. best_epoch is the first epoch with the
@@ -256,13 +375,16 @@ def detect_phases(rows: list[dict], *, min_plateau: int = 5, window: int = 3, su
     if phase2 is None and scan.plateau is not None and len(rob) == 0:
         phase2 = int(e_delta[scan.plateau])
     best = int(e_rob[int(np.argmax(rob))]) if len(rob) else None
-    return Phases(phase2_start=phase2, phase3_start=phase3, plateau_delta=scan.level, best_epoch=best)
+    return Phases(phase2_start=phase2, phase3_start=phase3, plateau_delta=scan.level, best_epoch=best,
+                  catastrophic_overfitting_epoch=detect_catastrophic_overfitting(rows))
 
 
 def energy_select_epoch(rows: list[dict]) -> int | None:
-    """The last epoch before phase 3 (model selection without held-out data); None if no phase 3."""
-    phase3 = detect_phases(rows).phase3_start
-    if phase3 is None:
+    """The last epoch before phase 3 or catastrophic overfitting, whichever comes first (model
+    selection without held-out data); None if neither is seen."""
+    phases = detect_phases(rows)
+    ends = [p for p in (phases.phase3_start, phases.catastrophic_overfitting_epoch) if p is not None]
+    if not ends:
         return None
-    before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < phase3]
+    before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < min(ends)]
     return max(before) if before else None

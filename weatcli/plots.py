@@ -235,7 +235,8 @@ def training_dynamics(
 
     runs: {label: metrics rows} as in metrics.jsonl (see phases.read_metrics).
     phases: {label: Phases (or its dict)}: phase boundaries drawn as dotted lines in the run's
-        colour, labelled "phase 1/2/3"; the overfitting phase is shaded.
+        colour, labelled "phase 1/2/3"; the overfitting phase is shaded; catastrophic overfitting,
+        where found, is a dash-dot line labelled "CO".
     JSON: {label: {"epoch", "robust_error" (1 - robust_accuracy, None where missing),
     "delta_energy", "phases"}}.
     """
@@ -268,7 +269,8 @@ def training_dynamics(
         ph = phases.get(label)
         ph_dict = None
         if ph is not None:
-            ph_dict = {k: _phase_value(ph, k) for k in ("phase2_start", "phase3_start", "plateau_delta", "best_epoch")}
+            ph_dict = {k: _phase_value(ph, k) for k in ("phase2_start", "phase3_start", "plateau_delta", "best_epoch",
+                                                        "catastrophic_overfitting_epoch")}
             _draw_phases(ax, ax_e, text_at, ph_dict, epochs, c, row=i)
         data[label] = {"epoch": epochs, "robust_error": error, "delta_energy": delta, "phases": ph_dict}
 
@@ -304,6 +306,10 @@ def _draw_phases(ax, ax_e, text_at, ph: dict, epochs: list[int], colour: str, *,
     if ph.get("plateau_delta") is not None and p2 is not None:
         ax_e.hlines(ph["plateau_delta"], p2, p3 if p3 is not None else last, color=colour, linewidth=0.8, alpha=0.6)
     y = 0.97 - 0.06 * row
+    co = ph.get("catastrophic_overfitting_epoch")
+    if co is not None:  # catastrophic overfitting: a dash-dot line and its label below the phase names
+        ax.axvline(co, color=colour, linestyle="-.", linewidth=1.3)
+        ax.text(co, y - 0.04, " CO", transform=text_at, ha="left", va="top", fontsize="x-small", color=colour)
     for name, a, b in zip(names, bounds[:-1], bounds[1:]):
         ax.text((a + b) / 2, y, name, transform=text_at, ha="center", va="top", fontsize="x-small", color=colour,
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.0})
