@@ -86,9 +86,11 @@ def energy_lens(
     Untargeted and targeted attacks run through `weat attack`'s engine (evaluate.evaluate_checkpoint),
     the targeted ones towards a random wrong class per example.
     """
-    from .evaluate import evaluate_checkpoint
+    from .attack_checkpoint import evaluate_checkpoint, resolve_config
+    from .checkpoint import stored_config
 
     names = check_lens_attacks(attacks)
+    stored = stored_config(checkpoint)
     groups: dict[bool, list[str]] = {False: [], True: []}
     for name in names:
         base, targeted = _split_name(name)
@@ -98,9 +100,11 @@ def energy_lens(
     for targeted, bases in groups.items():
         if not bases:
             continue
-        ev = evaluate_checkpoint(checkpoint=checkpoint, attacks=bases, eps=eps, steps=steps, targeted=targeted,
-                                 target_class="random" if targeted else None, n=n, default_n=1000, batch_size=batch_size,
-                                 dataset=dataset, data_dir=data_dir, device=device, seed=seed, on_event=on_event)
+        cfg = resolve_config(stored=stored, overrides={
+            "evaluate.attacks": bases, "attack.eps": eps, "evaluate.steps": steps, "evaluate.targeted": targeted,
+            "evaluate.target_class": "random", "evaluate.n": n, "evaluate.batch_size": batch_size, "data.dataset": dataset,
+            "data.data_dir": data_dir, "evaluate.device": device, "evaluate.seed": seed})
+        ev = evaluate_checkpoint(checkpoint, cfg, on_event=on_event, default_n=1000)
         for base, r in ev.attacks.items():
             results[f"{base}-targeted" if targeted else base] = (ev, r)
 
