@@ -27,6 +27,7 @@ Protocol and conventions (docs/design.md#engine-rules):
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ def energy_summary(e_nat: torch.Tensor, e_adv: torch.Tensor, j_nat: torch.Tensor
 # ----------------------------------------------------------------------------- settings
 
 
+def _flag(field: str) -> str:
+    """weat attack's flag for a field of [attack] or [evaluate]: step_size -> --step-size."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def _checked(section: type, **fields: Any) -> Any:
     """section(**fields): a broken rule of the config model is bad input naming weat attack's flag."""
     try:
@@ -142,10 +148,9 @@ def _checked(section: type, **fields: Any) -> Any:
         for err in e.errors():
             msg = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
-                name = str(err["loc"][0])
-                parts.append(f"{_FLAGS.get(name, '--' + name.replace('_', '-'))}: {msg} (got {err['input']!r})")
-            else:  # a rule across fields names its key, e.g. "attack.eps must be ..."
-                parts.append(msg.replace("attack.eps", "--eps"))
+                parts.append(f"{_flag(str(err['loc'][0]))}: {msg} (got {err['input']!r})")
+            else:  # a rule across fields names its key ("attack.eps must be ..."): name the flag instead
+                parts.append(re.sub(r"\b(?:attack|evaluate)\.(\w+)", lambda m: _flag(m.group(1)), msg))
         raise WeatInputError("; ".join(parts)) from None
 
 
