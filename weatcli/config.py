@@ -89,6 +89,7 @@ Method = Annotated[Literal[METHODS], BeforeValidator(_canonical_method)]  # type
 DEVICE_FIELD_HELP = "auto, cpu, cuda or cuda:N"
 # `weat attack` names: our engine's PGD and CW, and the official AutoAttack (standard) or one of its parts.
 EVAL_ATTACKS = ("pgd", "cw", "autoattack", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+EVAL_TARGETED_ATTACKS = ("pgd", "cw")  # what --targeted applies to; AutoAttack's parts pick their own targets
 SAMPLE_INITS = ("uniform", "informative", "pca", "noise")
 SCORE_METRICS = ("fid", "is", "kid")
 
@@ -252,18 +253,66 @@ class EvaluateConfig(_Section):
     """`weat attack`: which attacks, how strong, on which images. The threat (eps, norm, step size)
     is the [attack] section, taken from the checkpoint unless overridden."""
 
-    attacks: list[str] = Field(["pgd"], description="pgd, cw, autoattack (standard: apgd-ce, apgd-t, fab-t, square) "
-                               "or one part: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square; several run on the same images")
+    attacks: list[str] = Field(["pgd"], description="attacks, run on the same images: pgd, cw, autoattack (standard: "
+                               "apgd-ce, apgd-t, fab-t, square) or one part: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
+                               "square; repeatable")
     steps: int = Field(20, ge=0, le=100_000, description="PGD / CW steps")
     restarts: int = Field(1, ge=1, le=1000, description="PGD / CW random restarts (the worst case per image is kept)")
     targeted: bool = Field(False, description="targeted PGD / CW (AutoAttack parts pick their own targets)")
     target_class: str = Field("random", description="target of a targeted attack: a class index, random (a wrong "
-                              "class per image) or least-likely")
+                              "class per image) or least-likely; giving it as a flag implies targeted")
     n: int | None = Field(None, ge=1, description="attack the first N images (default 10000, or the whole split)")
-    split: Literal["test", "train"] = Field("test", description="test or train")
+    split: Literal["test", "train"] = Field("test", description="the split the images come from: test or train")
     batch_size: int = Field(500, ge=1, description="images per batch (AutoAttack too)")
     seed: int = Field(0, ge=0, description="random seed (PGD starts, random targets, AutoAttack)")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _known_attacks(cls, v: Any) -> Any:
+        # Lower-cased and de-duplicated (order kept): `-a PGD -a pgd` runs pgd once.
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            return v  # the list type reports it
+        out: list[str] = []
+        for raw in v:
+            name = str(raw).strip().lower()
+            if name not in EVAL_ATTACKS:
+                raise ValueError(f"unknown {raw!r}; expected one of {', '.join(EVAL_ATTACKS)}")
+            if name not in out:
+                out.append(name)
+        if not out:
+            raise ValueError(f"no attack given; expected one or more of {', '.join(EVAL_ATTACKS)}")
+        return out
+
+    @field_validator("targeted")
+    @classmethod
+    def _targeted_needs_pgd_or_cw(cls, v: bool, info: Any) -> bool:  # info: pydantic ValidationInfo
+        attacks = info.data.get("attacks")
+        if v and attacks is not None and not any(a in EVAL_TARGETED_ATTACKS for a in attacks):
+            raise ValueError(f"applies to {' and '.join(EVAL_TARGETED_ATTACKS)}; the AutoAttack parts choose their "
+                             "own targets (apgd-t, fab-t)")
+        return v
+
+    @field_validator("target_class", mode="before")
+    @classmethod
+    def _target_mode_or_index(cls, v: Any) -> Any:
+        # A class index (int or its text), random or least-likely; the index is checked against the
+        # model's classes once the model is loaded.
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            return v  # the str type reports it
+        text = v.strip().lower().replace("_", "-")
+        if text in ("random", "least-likely") or (text.isdigit() and text.isascii()):
+            return str(int(text)) if text.isdigit() else text
+        raise ValueError(f"expected a class index, 'random' or 'least-likely', got {v!r}")
+
+    @property
+    def target(self) -> int | str:
+        """target_class as the attacks take it: a class index (int) or a mode name."""
+        return int(self.target_class) if self.target_class.isdigit() else self.target_class
 
 
 LENS_DEFAULT_N = 1000  # lens.n unset: the first min(1000, split size) test images

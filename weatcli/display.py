@@ -158,17 +158,17 @@ def attack_table(result: Any) -> Any:
                         f"{result.norm} eps={result.eps:.6g}", title_justify="left")
     for col in ("attack", "accuracy", "E(x*) mean ± std", "dE(x)", "E(x*,y) mean", "dE(x,y)", "seconds"):
         table.add_column(col, justify="left" if col == "attack" else "right")
-    e = next(iter(result.attacks.values())).energy
-    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["natural_mean"], e["natural_std"]), "",
-                  f"{e['joint_natural_mean']:.3f}", "", "")
+    e = next(iter(result.attacks.values())).energy  # energy.summarize: quantity -> {mean, std, ...}
+    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["energy_natural"]["mean"], e["energy_natural"]["std"]),
+                  "", f"{e['joint_natural']['mean']:.3f}", "", "")
     for name, r in result.attacks.items():
         e = r.energy
         label = name
         if r.target_success_rate is not None:
             label += f" (targeted {r.settings['target_class']}, success {r.target_success_rate:.2%})"
-        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["adversarial_mean"], e["adversarial_std"]),
-                      f"{e['delta_mean']:+.3f}", f"{e['joint_adversarial_mean']:.3f}", f"{e['joint_delta_mean']:+.3f}",
-                      f"{r.seconds:.1f}")
+        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["energy_adversarial"]["mean"], e["energy_adversarial"]["std"]),
+                      f"{e['delta_energy']['mean']:+.3f}", f"{e['joint_adversarial']['mean']:.3f}",
+                      f"{e['delta_joint']['mean']:+.3f}", f"{r.seconds:.1f}")
     if len(result.attacks) > 1:
         table.add_row("worst case", f"{result.worst_case_accuracy:.2%}", "", "", "", "", "")
     return table
