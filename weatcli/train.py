@@ -220,10 +220,17 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor], device) -> None:
+    """Load the saved optimizer state. A state tensor shaped like its parameter takes that
+    parameter's memory layout: fused SGD pairs momentum and weight by raw memory order, so a
+    contiguous momentum buffer for a channels_last weight (CUDA) would be applied scrambled."""
+    params = [p for group in opt.param_groups for p in group["params"]]  # state_dict's indices
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in extra.items():
         if key.startswith(ckpt.OPTIM_PREFIX):
             idx, name = key[len(ckpt.OPTIM_PREFIX) :].split("/", 1)
+            param = params[int(idx)]
+            if value.shape == param.shape:
+                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
             state.setdefault(int(idx), {})[name] = value.to(device)
     sd = opt.state_dict()
     sd["state"] = state
