@@ -198,7 +198,7 @@ def find_inception_weights(path: Path | str | None = None, *, download: bool = F
         return p
     candidates = [cache_dir() / INCEPTION_FILE, CLEANFID_DIR / INCEPTION_FILE]
     for p in candidates:
-        if p.is_file():
+        if p.is_file() and (p.parent != CLEANFID_DIR or _private(p)):
             return p
     if not download:
         raise WeatInputError(
@@ -206,6 +206,13 @@ def find_inception_weights(path: Path | str | None = None, *, download: bool = F
             f"expected {_where_to_get()}; pass --inception-weights PATH or set $WEAT_INCEPTION_WEIGHTS, "
             f"add --download to fetch it, or use --features CKPT")
     return _download_inception(candidates[0])
+
+
+def _private(path: Path) -> bool:
+    """A file in a shared folder (clean-fid's /tmp) is used only when it is ours and nobody else can
+    write it: the weights are a TorchScript program, and anyone may drop a file into /tmp."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _download_inception(target: Path) -> Path:
