@@ -464,8 +464,11 @@ def sample(
     alpha: Annotated[Optional[float], cfg_option(_SAMPLE, "alpha")] = None,
     pca_variance: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_variance")] = None,
     pca_sigma: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_sigma")] = None,
+    pca_scale: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_scale")] = None,
+    local_neighbours: Annotated[Optional[int], cfg_option(_SAMPLE, "local_neighbours")] = None,
     init_noise: Annotated[Optional[float], cfg_option(_SAMPLE, "init_noise")] = None,
     adaptive: Annotated[Optional[float], cfg_option(_SAMPLE, "adaptive")] = None,
+    adaptive_rule: Annotated[Optional[str], cfg_option(_SAMPLE, "adaptive_rule")] = None,
     batch_size: Annotated[Optional[int], cfg_option(_SAMPLE, "batch_size")] = None,
     seed: Annotated[Optional[int], cfg_option(_SAMPLE, "seed")] = None,
     device: Annotated[Optional[str], cfg_option(_SAMPLE, "device")] = None,
@@ -493,7 +496,9 @@ def sample(
             "sample.steps": sgld_steps, "sample.n_per_class": n_per_class, "sample.n": n, "sample.classes": classes,
             "sample.init": init, "sample.step_size": step_size, "sample.momentum": momentum, "sample.noise": noise,
             "sample.alpha": alpha, "sample.pca_variance": pca_variance, "sample.pca_sigma": pca_sigma,
-            "sample.init_noise": init_noise, "sample.adaptive": adaptive, "sample.batch_size": batch_size,
+            "sample.pca_scale": pca_scale, "sample.local_neighbours": local_neighbours,
+            "sample.init_noise": init_noise, "sample.adaptive": adaptive, "sample.adaptive_rule": adaptive_rule,
+            "sample.batch_size": batch_size,
             "sample.seed": seed, "sample.device": device, "data.data_dir": data_dir,
         }
         cfg = _resolve(config_mod.resolve_command, overrides, flag_names={"sample.steps": "--sgld-steps"},
@@ -524,6 +529,7 @@ def score(
     metrics: Annotated[Optional[str], cfg_option(_SCORE, "metrics")] = None,
     n: Annotated[Optional[int], cfg_option(_SCORE, "n", "--n")] = None,
     features: Annotated[Optional[str], cfg_option(_SCORE, "features")] = None,
+    judge: Annotated[Optional[str], cfg_option(_SCORE, "judge")] = None,
     inception_weights: Annotated[Optional[Path], cfg_option(_SCORE, "inception_weights")] = None,
     download: Annotated[bool, typer.Option(
         "--download", help="Allow downloading the Inception weights or a missing reference dataset.")] = False,
@@ -544,7 +550,7 @@ def score(
         from .scoring import score_samples
 
         overrides = {
-            "score.ref": ref, "score.metrics": metrics, "score.n": n, "score.features": features,
+            "score.ref": ref, "score.metrics": metrics, "score.n": n, "score.features": features, "score.judge": judge,
             "score.inception_weights": None if inception_weights is None else str(inception_weights),
             "score.batch_size": batch_size, "score.device": device, "score.seed": seed,
             "data.data_dir": data_dir, "data.download": download or None,

@@ -90,8 +90,10 @@ DEVICE_FIELD_HELP = "auto, cpu, cuda or cuda:N"
 # `weat attack` names: our engine's PGD and CW, and the official AutoAttack (standard) or one of its parts.
 EVAL_ATTACKS = ("pgd", "cw", "autoattack", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 EVAL_TARGETED_ATTACKS = ("pgd", "cw")  # what --targeted applies to; AutoAttack's parts pick their own targets
-SAMPLE_INITS = ("uniform", "informative", "pca", "noise")
-SCORE_METRICS = ("fid", "is", "kid")
+SAMPLE_INITS = ("uniform", "informative", "pca", "pca-scaled", "local-pca", "noise")
+SCORE_METRICS = ("fid", "is", "kid", "prdc", "diversity", "judge")
+SCORE_DEFAULT_METRICS = ("fid", "is", "kid", "prdc")  # plus diversity for labelled samples, judge with --judge
+ADAPTIVE_RULES = ("below", "squared")  # inits.stop_reached
 
 
 def _check_device(v: str) -> str:
@@ -398,20 +400,31 @@ class SampleConfig(_Section):
     classes: str | None = Field(None, description="wanted classes, e.g. 0,3,7 (default all)")
     init: Annotated[Literal[SAMPLE_INITS], BeforeValidator(_sample_init)] = Field(  # type: ignore[valid-type]
         "informative", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
-        "1e-4 I)), pca (the paper's class-wise PCA) or noise (a training image plus Gaussian noise)")
+        "1e-4 I)), pca (the paper's class-wise PCA), pca-scaled (class-wise PCA at the data's own spread), local-pca "
+        "(the journal's PCA of an anchor image's same-class neighbours) or noise (a training image plus Gaussian noise)")
     step_size: Frac = Field(0.1, gt=0, description="the SGLD step eta; fractions allowed")
     momentum: float = Field(0.0, ge=0, lt=1, description="the momentum zeta; 0 is plain SGLD (the paper also uses 0.8)")
     noise: float = Field(0.001, ge=0, allow_inf_nan=False, description="the std sigma of the SGLD noise")
     alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
                                 description="scale of the noise term (default sqrt(2 * eta))")
     pca_variance: float = Field(0.9, gt=0, le=PCA_VARIANCE_MAX,
-                                description="PCA init: fraction r of each class's variance kept")
+                                description="fraction r of the variance kept by the pca and pca-scaled (a class's) "
+                                "and local-pca (a neighbourhood's) inits")
     pca_sigma: float = Field(0.005, ge=0, allow_inf_nan=False,
-                             description="PCA init: sigma_pca, scale of the singular values")
+                             description="sigma_pca of the pca init, the scale of the singular values (the "
+                             "paper's 0.005 leaves digits chains at the class mean)")
+    pca_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="std along each kept component in the pca-scaled and local-pca inits, "
+                             "as a multiple of the data's own (1: the data's spread)")
+    local_neighbours: int = Field(50, ge=2, le=1_000_000,
+                                  description="same-class training images around the anchor in the local-pca init")
     init_noise: float = Field(0.1, ge=0, allow_inf_nan=False,
                               description="noise init: std of the noise added to the real image")
-    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) is within "
-                                   "this many energy units of its class's mean E(x,y) on the training data (or below it)")
+    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) has reached "
+                                   "its class's mean E(x,y) on the training data, by adaptive_rule with this threshold")
+    adaptive_rule: Literal[ADAPTIVE_RULES] = Field(  # type: ignore[valid-type]
+        "below", description="adaptive stopping rule: below, E <= m_y + T (weat's, T in energy units); or squared, (E - m_y)^2 < T (the "
+        "authors', T > 0 in squared units)")
     batch_size: int = Field(500, ge=1, description="samples per SGLD batch")
     seed: int = Field(0, ge=0, description="random seed (starting points and SGLD noise)")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
@@ -421,6 +434,9 @@ class SampleConfig(_Section):
         if self.n is not None and self.n_per_class is not None:
             # The CLI turns " sample.n " into " --n (sample.n) " when the flag set it.
             raise ValueError("sample.n and sample.n_per_class are both set; expected one of them")
+        if self.adaptive_rule == "squared" and self.adaptive is not None and self.adaptive <= 0:
+            raise ValueError(f"sample.adaptive {self.adaptive:g} with sample.adaptive_rule squared never stops; "
+                             "expected a threshold > 0 (squared energy units)")
         return self
 
 
@@ -430,16 +446,49 @@ class ScoreConfig(_Section):
 
     ref: str | None = Field(None, description="reference set: DATASET[:split] (default: the training split of the "
                             "samples' dataset), a folder of images or a .safetensors / .npz file")
-    metrics: Annotated[list[Literal[SCORE_METRICS]], BeforeValidator(_metric_list)] = Field(  # type: ignore[valid-type]
-        ["fid", "is", "kid"], description="comma list of fid, is, kid")
+    metrics: Annotated[list[Literal[SCORE_METRICS]] | None, BeforeValidator(_metric_list)] = Field(  # type: ignore[valid-type]
+        None, description=f"comma list of {', '.join(SCORE_METRICS)} (default {','.join(SCORE_DEFAULT_METRICS)}, plus "
+        "diversity when the samples carry their classes and judge with --judge)")
     n: int | None = Field(None, ge=1, description="score a fixed random subset of N samples (default all)")
     features: str = Field("inception", description="inception (clean-fid's Inception-v3, clean mode) or a weat "
-                          "checkpoint: its penultimate features and softmax (not comparable with Inception numbers)")
+                          "checkpoint: its penultimate features and softmax (not comparable with Inception numbers); "
+                          "FID, KID, IS, prdc and diversity are all computed in this space")
+    judge: str | None = Field(None, description="a weat checkpoint other than the one sampled from: the share of "
+                              "samples it classifies as their wanted class (adds the judge metric)")
+    prdc_k: int = Field(5, ge=1, le=1000, description="precision/recall/density/coverage: the k of the k-NN balls")
+    prdc_max: int = Field(10_000, ge=2, le=10_000_000, description="precision/recall/density/coverage: at most this "
+                          "many samples and reference images (a seeded random subset of each)")
+    diversity_max_per_class: int = Field(2000, ge=2, le=10_000_000, description="diversity: at most this many "
+                                         "samples and reference images per class (a seeded random subset)")
     inception_weights: str | None = Field(None, description="local inception-2015-12-05.pt (default "
                                           "$WEAT_INCEPTION_WEIGHTS); nothing is downloaded then")
     batch_size: int = Field(100, ge=1, description="images per feature batch")
-    seed: int = Field(0, ge=0, description="seed of the n subset, the IS split shuffle and the KID subsets")
+    seed: int = Field(0, ge=0, description="seed of the n subset, the IS split shuffle, the KID subsets and the "
+                      "prdc / diversity subsets")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> ScoreConfig:
+        if self.metrics is not None and "judge" in self.metrics and self.judge is None:
+            raise ValueError("score.metrics: judge needs score.judge; expected --judge CKPT (a classifier other than "
+                             "the one sampled from)")
+        if self.prdc_max <= self.prdc_k:
+            raise ValueError(f"score.prdc_max {self.prdc_max} must exceed score.prdc_k {self.prdc_k}: a k-NN ball "
+                             "needs k other points")
+        return self
+
+    def metrics_for(self, labelled: bool, n: int | None = None) -> list[str]:
+        """The metrics to compute: the given list (plus judge when a judge is named), else the default
+        list (without prdc for n <= prdc_k samples), plus diversity when the samples carry their
+        classes, plus judge with a judge."""
+        if self.metrics is not None:
+            names = list(self.metrics)
+        else:
+            names = [m for m in SCORE_DEFAULT_METRICS if m != "prdc" or n is None or n > self.prdc_k]
+            names += ["diversity"] if labelled else []
+        if self.judge is not None and "judge" not in names:
+            names.append("judge")
+        return names
 
 
 class RunConfig(_Section):
