@@ -76,6 +76,7 @@ def test_train_flags_reach_the_engine(captured, capsys):
     assert (cfg.data.data_dir, cfg.train.out, cfg.data.download, cfg.train.beta) == ("/d", "/o", True, 3.0)
     summary = json.loads(out)
     assert set(summary) >= {"checkpoint", "run_dir", "clean_accuracy", "robust_accuracy", "epochs", "seconds"}
+    assert summary["catastrophic_overfitting_epoch"] is None and summary["phase3_epoch"] is None  # null: none seen
 
 
 @pytest.mark.parametrize(
@@ -159,3 +160,20 @@ def test_train_display_warns_once_when_phase_3_starts(capsys):
             display("epoch", {"row": row, "epochs": 60, "best_epoch": 1})
     err = capsys.readouterr().err
     assert err.count("phase 3") == 1 and "left its plateau at epoch 41:" in err
+
+
+def test_train_display_warns_once_on_catastrophic_overfitting(capsys):
+    display = ui.TrainDisplay()
+    with display:
+        display("start", {"epochs": 20, "start_epoch": 0, "method": "fgsm-rs", "dataset": "digits", "device": "cpu",
+                          "run_dir": "r", "history": []})
+        for e in range(1, 21):
+            delta = -0.1 * min(e, 8) if e < 13 else 2.0 + 0.01 * (e % 3)  # single-step AT breaks at epoch 13
+            row = {"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5 if e < 13 else 0.0,
+                   "energy_natural": -3.0, "energy_adversarial": -3.0 - delta, "delta_energy": delta,
+                   "train_attack_accuracy": 0.4 if e < 13 else 0.95, "seconds": 1.0}
+            display("epoch", {"row": row, "epochs": 20, "best_epoch": 1})
+    err = capsys.readouterr().err
+    assert err.count("catastrophic overfitting") == 1
+    assert "catastrophic overfitting at epoch 13: dE(x) jumped -0.800 -> +2.010" in err
+    assert "accuracy under the training attack 40% -> 95%" in err and "--select energy keeps the epoch before it" in err

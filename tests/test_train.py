@@ -241,3 +241,21 @@ def test_restored_momentum_takes_its_weights_memory_layout():
     step(resumed, opt)
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+def test_metrics_carry_training_attack_accuracy_and_der(tmp_path):
+    """metrics.jsonl: accuracy under the training attack on the energy subset (every method), and
+    the mean DER term when train.der_weight > 0; the summary names phase 3 and CO (None here)."""
+    result = fit(tiny_config(tmp_path, **{"train.epochs": 1, "train.method": "fgsm-rs", "train.der_weight": 1.0}))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= row["train_attack_accuracy"] <= 1 and row["der"] > 0 and math.isfinite(row["der"])
+    summary = result.summary()
+    assert summary["catastrophic_overfitting_epoch"] is None and summary["phase3_epoch"] is None
+    plain = fit(tiny_config(tmp_path / "plain", **{"train.epochs": 1, "train.method": "fgsm-rs"}))
+    assert "der" not in plain.history[0] and "train_attack_accuracy" in plain.history[0]
+
+
+def test_summary_reports_catastrophic_overfitting_from_the_history(tmp_path):
+    delta = [-0.1 * min(e, 8) for e in range(1, 13)] + [2.0, 2.1, 2.0]  # a plateau, then a break at epoch 13
+    history = [{"epoch": e, "delta_energy": d, "robust_accuracy": 0.5} for e, d in enumerate(delta, 1)]
+    result = train.FitResult(checkpoint=tmp_path / "m", run_dir=tmp_path, clean_accuracy=0.9, robust_accuracy=0.5,
+                             epochs=15, best_epoch=1, seconds=1.0, history=history)
+    assert result.summary()["catastrophic_overfitting_epoch"] == 13

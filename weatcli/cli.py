@@ -139,7 +139,8 @@ def cfg_option(section: type, field: str, *decls: str, **kwargs: Any) -> Any:
 def train(
     preset: PresetOpt = None,
     dataset: DatasetOpt = None,
-    method: Annotated[Optional[str], typer.Option(help="standard, pgd-at, trades, mart, mail-trades, weat-adv (= weat), weat-nat.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="standard, pgd-at, trades, mart, mail-trades, weat-adv (= weat), weat-nat, "
+                                                     "fgsm-rs (= fgsm), n-fgsm (= nfgsm).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="small-cnn, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
@@ -150,7 +151,8 @@ def train(
     data_dir: DataDirOpt = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory (default runs/<dataset>-<method>-<time>).")] = None,
     download: DownloadOpt = False,
-    select: Annotated[Optional[str], typer.Option(help="best (highest held-out PGD accuracy) or last.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="best (highest held-out PGD accuracy), last, or energy "
+                                                     "(the epoch before phase 3 or catastrophic overfitting, from dE(x) alone).")] = None,
     eval_n: Annotated[Optional[int], typer.Option(help="Held-out test images evaluated each epoch.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16: autocast for the training step (evaluation stays fp32).")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model and fuse the PGD update.")] = None,
@@ -707,6 +709,8 @@ def _plot_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
         phases[label] = detect_phases(runs[label])
         p = phases[label]
         where = f"phase 3 (robust overfitting) from epoch {p.phase3_start}" if p.phase3_start else "no phase 3 detected"
+        if p.catastrophic_overfitting_epoch is not None:
+            where += f"; catastrophic overfitting at epoch {p.catastrophic_overfitting_epoch}"
         err.print(f"{label}: {where}; best robust epoch {p.best_epoch}", markup=False, soft_wrap=True)
     plots.training_dynamics(runs, out, phases=phases, title="training dynamics")
     # The runs' metrics are plotted as recorded: no config section is used.

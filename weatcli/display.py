@@ -17,6 +17,23 @@ def _row_text(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _co_text(rows: list[dict[str, Any]], epoch: int) -> str:
+    """What broke at catastrophic-overfitting epoch `epoch`: dE(x) from the epoch before to it, and
+    the accuracy under the training attack where the rows have it."""
+    by_epoch = {r["epoch"]: r for r in rows}
+    before, at = by_epoch.get(epoch - 1, {}), by_epoch.get(epoch, {})
+
+    def change(key: str, fmt: str) -> str | None:
+        a, b = before.get(key), at.get(key)
+        return None if a is None or b is None else f"{a:{fmt}} -> {b:{fmt}}"
+
+    parts = [f"dE(x) jumped {change('delta_energy', '+.3f') or 'out of its recent range'}"]
+    acc = change("train_attack_accuracy", ".0%")
+    if acc is not None:
+        parts.append(f"accuracy under the training attack {acc}")
+    return ", ".join(parts)
+
+
 class ProgressDisplay:
     """A transient rich progress bar on stderr with one reusable task; lines printed above it."""
 
@@ -51,6 +68,7 @@ class TrainDisplay(ProgressDisplay):
         self.epochs = 0
         self.rows: list[dict[str, Any]] = []
         self.phase3: int | None = None
+        self.co: int | None = None  # catastrophic overfitting, warned about once
 
     def __call__(self, kind: str, p: dict[str, Any]) -> None:
         if kind == "start":
@@ -72,15 +90,24 @@ class TrainDisplay(ProgressDisplay):
             self._watch_phase3(row)
 
     def _watch_phase3(self, row: dict[str, Any]) -> None:
-        """Warn once when the energy gap dE(x) leaves its plateau: phase 3 (robust overfitting)."""
+        """Warn once when the energy gap dE(x) leaves its plateau: phase 3 (robust overfitting); and
+        once when it breaks away within an epoch or two: catastrophic overfitting (single-step AT)."""
         from .phases import detect_phases
 
         self.rows.append(row)
+        if self.phase3 is not None and self.co is not None:
+            return
+        phases = detect_phases(self.rows)
         if self.phase3 is None:
-            self.phase3 = detect_phases(self.rows).phase3_start
+            self.phase3 = phases.phase3_start
             if self.phase3 is not None:
                 self._print(f"weat: warning: dE(x) left its plateau at epoch {self.phase3}: phase 3 (robust overfitting) "
                             "may have begun; --select energy keeps the epoch before it")
+        if self.co is None:
+            self.co = phases.catastrophic_overfitting_epoch
+            if self.co is not None:
+                self._print(f"weat: warning: catastrophic overfitting at epoch {self.co}: {_co_text(self.rows, self.co)}; "
+                            "--select energy keeps the epoch before it")
 
 
 

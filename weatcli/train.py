@@ -32,7 +32,7 @@ from .errors import WeatInputError, WeatRunError
 from .fileio import atomic_write_text, remove_stale_temps
 from .losses import LOSSES, Loss, method_attack
 from .models import ARCHS, build, keep_ends_in_fp32
-from .phases import energy_select_epoch
+from .phases import detect_phases, energy_select_epoch
 from .runtime import EventFn, Stream, configure_backends, generator_for, ignore_event, resolve_device
 
 SYNC_EVERY = 10  # batches between host syncs (progress display and the non-finite-loss check)
@@ -67,6 +67,9 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """The `weat train --json` object; phase3_epoch and catastrophic_overfitting_epoch are read
+        from the whole history by phases.detect_phases (None: not seen)."""
+        phases = detect_phases(self.history)
         return {
             "checkpoint": str(self.checkpoint),
             "run_dir": str(self.run_dir),
@@ -75,6 +78,8 @@ class FitResult:
             "epochs": self.epochs,
             "best_epoch": self.best_epoch,
             "seconds": round(self.seconds, 3),
+            "phase3_epoch": phases.phase3_start,
+            "catastrophic_overfitting_epoch": phases.catastrophic_overfitting_epoch,
         }
 
 
@@ -145,14 +150,18 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, cfg: RunConf
 
 def track_energies(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, generator) -> dict[str, float]:
     """Mean E(x), E(x*), dE(x), and the joint versions on a fixed training subset, x* being the
-    method's own training attack. The raw material of the paper's three phases."""
+    method's own training attack, and the accuracy under that attack (`train_attack_accuracy`:
+    it jumps up when single-step AT overfits catastrophically). The raw material of the paper's
+    three phases."""
     bs = cfg.train.eval_batch_size
     parts: list[dict[str, torch.Tensor]] = []
     for i in range(0, len(x_u8), bs):
         x, yb = data_mod.to_float(x_u8[i : i + bs]), y[i : i + bs]
         x_adv = method_attack(model, x, yb, cfg, generator=generator)
         with attack_mode(model):
-            parts.append(energy_stats(predict(model, x), predict(model, x_adv), yb))
+            logits_adv = predict(model, x_adv)
+            parts.append({**energy_stats(predict(model, x), logits_adv, yb),
+                          "train_attack_accuracy": (logits_adv.argmax(1) == yb).float()})
     return {k: _mean(torch.cat([p[k] for p in parts])) for k in parts[0]}
 
 
@@ -594,6 +603,8 @@ def _train_averages(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     for key, name in (("correct", "train_accuracy"), ("adv_correct", "train_adv_accuracy"), ("weight", "mean_weight")):
         if key in sums:
             out[name] = float(sums[key]) / n
+    if "der" in sums:  # train.der_weight > 0: the mean DER term (docs/science.md#der)
+        out["der"] = float(sums["der"]) / n
     return out
 
 
