@@ -135,6 +135,9 @@ def cfg_option(section: type, field: str, *decls: str, **kwargs: Any) -> Any:
     return typer.Option(*decls, help=text, show_default=False, **kwargs)
 
 
+_TRAIN, _DATA = config_mod.TrainConfig, config_mod.DataConfig  # the recipe flags' help comes from their fields
+
+
 @app.command()
 def train(
     preset: PresetOpt = None,
@@ -162,6 +165,12 @@ def train(
     devices: Annotated[Optional[int], typer.Option(min=1, help="Train on N local processes (GPUs, or CPU with gloo) "
                                                    "through torchrun's launcher; --batch-size is the global batch.")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Several ranks: batch norm over the global batch.")] = None,
+    ema: Annotated[Optional[float], cfg_option(_TRAIN, "ema_decay", "--ema", metavar="DECAY")] = None,
+    label_smoothing: Annotated[Optional[float], cfg_option(_TRAIN, "label_smoothing", "--label-smoothing")] = None,
+    awp_gamma: Annotated[Optional[float], cfg_option(_TRAIN, "awp_gamma", "--awp-gamma")] = None,
+    extra_data: Annotated[Optional[Path], cfg_option(_DATA, "extra_data", "--extra-data", metavar="FILE.npz")] = None,
+    extra_fraction: Annotated[Optional[float], cfg_option(_DATA, "extra_fraction", "--extra-fraction")] = None,
+    tensorboard: Annotated[Optional[Path], cfg_option(_TRAIN, "tensorboard", "--tensorboard", metavar="DIR")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory (its config is used).")] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -183,9 +192,14 @@ def train(
                 "train.select": select, "train.eval_n": eval_n, "train.precision": precision,
                 "train.compile": compile_, "train.cuda_graphs": cuda_graphs, "train.tf32": tf32,
                 "train.nan_policy": nan_policy, "train.sync_bn": sync_bn,
+                # Paths stored absolute: `--resume` from another directory finds them again.
+                "train.ema_decay": ema, "train.label_smoothing": label_smoothing, "train.awp_gamma": awp_gamma,
+                "data.extra_data": _absolute(extra_data), "data.extra_fraction": extra_fraction,
+                "train.tensorboard": _absolute(tensorboard),
             }
-            cfg = _resolve(config_mod.resolve, overrides, preset=preset, sets=set_)
-        elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out)) or set_:
+            cfg = _resolve(config_mod.resolve, overrides, {"train.ema_decay": "--ema"}, preset=preset, sets=set_)
+        elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out, ema,
+                                         label_smoothing, awp_gamma, extra_data, extra_fraction, tensorboard)) or set_:
             err.print("weat: note: --resume continues with the run's stored config; other options are ignored", markup=False)
 
         if devices is not None and cfg is not None and cfg.train.batch_size % devices:
@@ -228,6 +242,10 @@ def train(
             typer.echo(str(result.checkpoint))
 
     _guard(body)
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.expanduser().absolute())
 
 
 # ----------------------------------------------------------------------------- presets

@@ -29,6 +29,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits-weat"
 
+# Methods that adversarial weight perturbation supports (awp.SUPPORTED_METHODS; this module imports no torch).
+AWP_METHODS = ("pgd-at", "trades", "mail-trades", "weat-adv", "weat-nat")
+
 # Canonical training methods (losses.py holds the implementations under the same names) and the
 # aliases users type: `weat` is the paper's method, `sat` is what the paper calls PGD-AT, `fgsm` and
 # `rs-fgsm` are FGSM with a random start (Wong et al. 2020), `nfgsm` is N-FGSM (de Jorge et al. 2022).
@@ -115,6 +118,11 @@ class DataConfig(_Section):
     download: bool = Field(False, description="allow torchvision's downloaders to fetch a missing dataset")
     crop_padding: int = Field(4, ge=0, le=64, description="zero padding (pixels) of the random crop; 0 disables")
     flip: bool = Field(True, description="random horizontal flip (turn off for digits: mirrored digits are other glyphs)")
+    # Generated training data (docs/science.md#extra-data), read by weatcli/extra_data.py.
+    extra_data: str | None = Field(None, description="generated training images: an uncompressed np.savez .npz with "
+                                   "image (N, H, W, C) uint8 and label (N,), memory-mapped (e.g. the DM-AT 1M EDM file)")
+    extra_fraction: float = Field(0.0, ge=0, lt=1, description="share F of every batch drawn from --extra-data; with it "
+                                  "an epoch is a fixed ceil(N_real / (B - round(F * B))) steps (every real image once)")
 
 
 class ModelConfig(_Section):
@@ -177,6 +185,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
     schedule: Literal["onecycle", "cosine", "multistep", "constant"] = "onecycle"
+    warmup_epochs: int = Field(0, ge=0, description="cosine only: epochs of linear learning-rate warm-up to train.lr "
+                               "before the cosine decay (DM-AT warms up for 2.5% of training)")
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction of steps spent warming up")
     milestones: list[float] = Field([0.5, 0.75], description="multistep: fractions of training where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
@@ -197,6 +207,19 @@ class TrainConfig(_Section):
                               "||(dE(x_i), dE(x_i,y_i))||_2 - der_margin) to the loss (our reading of the journal)")
     der_margin: float = Field(0.0, ge=0, description="DER gamma, energy units: delta-energy norms up to it are "
                               "not penalised (0: every gap is)")
+    # The RobustBench leaders' recipe (docs/science.md#beyond-the-paper); every one off by default.
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of every cross-entropy term of the "
+                                   "training loss (not of KL terms, not of attacks); DM-AT uses 0.1")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="keep an exponential moving average of the weights "
+                                    "with this decay (DM-AT: 0.995): evaluation, selection and model.safetensors use "
+                                    "it; unset or 0: off")
+    ema_warmup: float = Field(0.025, ge=0, le=1, description="EMA: fraction of all training steps during which the "
+                              "average just copies the weights")
+    awp_gamma: float = Field(0.0, ge=0, le=1, description="adversarial weight perturbation of relative size gamma "
+                             "(the AWP authors use 5e-3; 0: off); pgd-at, trades, mail-trades, weat-adv, weat-nat")
+    awp_warmup: int = Field(0, ge=0, description="AWP: epochs trained without it first")
+    tensorboard: str | None = Field(None, description="also write every metrics.jsonl scalar, per epoch, as "
+                                    "TensorBoard events in this directory (pip install 'weat[tensorboard]')")
     seed: int = Field(0, ge=0)
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -244,6 +267,18 @@ class TrainConfig(_Section):
         if self.method not in SINGLE_STEP_METHODS:
             return None
         return FGSM_ALPHA_DEFAULT[self.method] if self.fgsm_alpha is None else self.fgsm_alpha
+
+    @model_validator(mode="after")
+    def _recipe_fits(self) -> TrainConfig:
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} applies to the cosine schedule only; "
+                             f"train.schedule is {self.schedule}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} must be less than train.epochs {self.epochs}")
+        if self.awp_gamma > 0 and self.method not in AWP_METHODS:
+            raise ValueError(f"train.awp_gamma {self.awp_gamma:g} (AWP) is not implemented for train.method "
+                             f"{self.method}; expected one of {', '.join(AWP_METHODS)}")
+        return self
 
 
 # ----------------------------------------------------------------------------- command sections
