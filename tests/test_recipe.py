@@ -65,7 +65,7 @@ def _expected(method, z_nat, z_adv, y, s):
     kl = _kl(z_nat, z_adv)
     if method == "standard":
         return _smoothed_ce(z_nat, yn, s).mean()
-    if method == "pgd-at":
+    if method in ("pgd-at", "fgsm-rs", "n-fgsm"):  # CE on the given x*
         return _smoothed_ce(z_adv, yn, s).mean()
     if method in ("trades", "mail-trades"):  # mail-trades in its burn-in: w = 1
         return _smoothed_ce(z_nat, yn, s).mean() + BETA * kl.mean()
