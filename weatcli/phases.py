@@ -69,6 +69,7 @@ CO_K_SUPPORTED = 6.0  # ... when the accuracy under the training attack jumps up
 CO_ACC_JUMP = 0.15  # that jump: train_attack_accuracy 15 points above its best before the break
 CO_REL_FLOOR = 0.02  # the change scale is at least 2% of the recent |dE(x)| (a noise-free series needs a real break)
 CO_ENERGY_FLOOR = 0.02  # ... and 2% of the recent |E(x)| where the rows have it: phase 1 leaving a flat start is no break
+CO_STARTED = 0.05  # no break counts before dE(x) has once moved 5% of |E(x)| from its first value (phase 1 has begun)
 CO_KEEP = 0.5  # confirmation: the epoch after the break is still beyond half of it
 
 
@@ -319,6 +320,8 @@ def detect_catastrophic_overfitting(
          last `history` + 1 epochs before i, with |J| > k sigma;
       3. confirmation: the epoch after the break is still beyond that range by half of J (a
          one-epoch glitch, or the return from one, is not CO); a break at the last epoch waits.
+    Where the rows have `energy_natural`, breaks are looked for only after dE(x) has once moved
+    CO_STARTED of |E(x)| away from its first value: phase 1 leaving the flat start is not CO.
     Returns the epoch with the largest single-epoch change inside the break, or None.
 
     `train_attack_accuracy` (accuracy under the training attack on the same training subset), where
@@ -336,7 +339,14 @@ def detect_catastrophic_overfitting(
     e_nat, nat = _column(rows, "energy_natural")
     natural = dict(zip(e_nat.tolist(), np.abs(nat).tolist()))
     n = len(x)
-    for i in range(history + 1, n):
+    # Phase 1 first: the first epoch from which dE(x) has left its starting value by CO_STARTED of
+    # |E(x)|, where the rows have E(x) (else from the start). Before it, dE(x) sits near 0 and its
+    # first departure - however sudden against that flat start - is phase 1, not a break.
+    started = 0
+    if natural:
+        moved = [ep in natural and abs(v - x[0]) > CO_STARTED * natural[ep] for ep, v in zip(e.tolist(), x)]
+        started = moved.index(True) + 1 if any(moved) else n
+    for i in range(max(history + 1, started), n):
         recent = x[i - history - 1 : i]
         recent_epochs = e[i - history - 1 : i].tolist()
         d2 = np.diff(x[:i], 2)  # second differences: the noise, blind to smooth trends (var 6 s^2 vs 2 s^2)
