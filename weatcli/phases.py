@@ -327,8 +327,10 @@ def detect_catastrophic_overfitting(
     `train_attack_accuracy` (accuracy under the training attack on the same training subset), where
     the rows have it, is supporting evidence only: a break of CO_K_SUPPORTED sigmas (instead of k)
     counts when that accuracy reaches CO_ACC_JUMP or more above its best before the break, the
-    other face of CO (the single-step attack stops finding adversarial points); a recovery after a
-    dip is not such a rise. dE(x) alone suffices otherwise.
+    other face of CO (the single-step attack stops finding adversarial points), and dE(x,y)
+    (`delta_joint`, where the rows have it) rises with it: x* no longer lowers the true class's
+    logit as much. While the model learns in phase 1 the accuracy rises too, but dE(x,y) falls;
+    a recovery after a dip is not a rise above the best either. dE(x) alone suffices otherwise.
     A smooth series - phase 1, a plateau, a gradual phase-3 drift - is not flagged.
     """
     if history < 2 or span < 1 or not k > 0:
@@ -338,6 +340,8 @@ def detect_catastrophic_overfitting(
     accuracy = dict(zip(e_acc.tolist(), acc.tolist()))
     e_nat, nat = _column(rows, "energy_natural")
     natural = dict(zip(e_nat.tolist(), np.abs(nat).tolist()))
+    e_joint, dj = _column(rows, "delta_joint")
+    joint = dict(zip(e_joint.tolist(), dj.tolist()))
     n = len(x)
     # Phase 1 first: the first epoch from which dE(x) has left its starting value by CO_STARTED of
     # |E(x)|, where the rows have E(x) (else from the start). Before it, dE(x) sits near 0 and its
@@ -361,6 +365,11 @@ def detect_catastrophic_overfitting(
             jump = value - hi if value > hi else value - lo if value < lo else 0.0  # beyond the recent range
             a1 = accuracy.get(int(e[i + s - 1]))
             supported = best_acc is not None and a1 is not None and a1 - best_acc >= CO_ACC_JUMP
+            j0, j1 = joint.get(int(e[i - 1])), joint.get(int(e[i + s - 1]))
+            if supported and j0 is not None and j1 is not None:
+                # CO: x* stops being adversarial for the true class, so dE(x,y) = E(x,y) - E(x*,y)
+                # rises towards 0 or above; while the model learns (phase 1) it falls as the accuracy rises.
+                supported = j1 > j0
             if abs(jump) <= (CO_K_SUPPORTED if supported else k) * scale:
                 continue
             after = i + s
