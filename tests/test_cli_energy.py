@@ -190,3 +190,20 @@ def test_run_label_comes_from_the_checkpoint(tmp_path):
     ckpt.save(run / "model.safetensors", {"w": torch.zeros(1)}, {"format": ckpt.FORMAT, "method": "imported"})
     assert _run_label(run, set()) == "imported"
     assert _run_label(run, {"imported"}) == "imported (some-run)"
+
+
+def test_plot_run_dir_names_catastrophic_overfitting(tmp_path, capsys):
+    """`energy plot RUN_DIR`: the per-run line and the JSON name the CO epoch; the figure marks it."""
+    run = tmp_path / "co-run"
+    run.mkdir()
+    (run / "config.toml").write_text('[train]\nmethod = "fgsm-rs"\n')
+    rows = [{"epoch": e, "robust_accuracy": 0.4 if e < 13 else 0.0, "energy_natural": -4.0,
+             "delta_energy": -0.1 * min(e, 8) if e < 13 else 2.0 + 0.01 * (e % 3)} for e in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = tmp_path / "co.png"
+    code, out, err = run_cli(["energy", "plot", str(run), "-o", str(fig), "--json"], capsys)
+    assert code == 0, err
+    assert "fgsm-rs: no phase 3 detected; catastrophic overfitting at epoch 13; best robust epoch 1" in err
+    assert json.loads(out)["phases"]["fgsm-rs"]["catastrophic_overfitting_epoch"] == 13
+    assert json.loads(fig.with_suffix(".json").read_text())["fgsm-rs"]["phases"]["catastrophic_overfitting_epoch"] == 13
+    _png_ok(fig)

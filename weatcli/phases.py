@@ -66,8 +66,10 @@ CO_HISTORY = 5
 CO_SPAN = 2
 CO_K = 10.0
 CO_K_SUPPORTED = 6.0  # ... when the accuracy under the training attack jumps up with it (CO's other sign)
-CO_ACC_JUMP = 0.15  # that jump: +15 points of train_attack_accuracy over the same epochs
+CO_ACC_JUMP = 0.15  # that jump: train_attack_accuracy 15 points above its best before the break
 CO_REL_FLOOR = 0.02  # the change scale is at least 2% of the recent |dE(x)| (a noise-free series needs a real break)
+CO_ENERGY_FLOOR = 0.02  # ... and 2% of the recent |E(x)| where the rows have it: phase 1 leaving a flat start is no break
+CO_STARTED = 0.05  # no break counts before dE(x) has once moved 5% of |E(x)| from its first value (phase 1 has begun)
 CO_KEEP = 0.5  # confirmation: the epoch after the break is still beyond half of it
 
 
@@ -310,17 +312,25 @@ def detect_catastrophic_overfitting(
       1. sigma = the robust size of dE(x)'s epoch-to-epoch changes: the noise of its changes over
          all epochs before i (1.4826 * MAD of the second differences / sqrt(3), which a smooth trend
          does not move), or the recent trend |median d| over the last `history` changes d (so phase
-         1's steady descent is not a break), or 2% of the recent max |dE(x)|, or 1e-3, the largest;
+         1's steady descent is not a break), or 2% of the recent max |dE(x)|, or 2% of the recent
+         max |E(x)| where the rows have `energy_natural` (dE(x) starts near 0 with tiny noise, and
+         phase 1 leaving that flat start is a change of a few % of |E(x)| per epoch, not a break),
+         or 1e-3, the largest;
       2. a break: for some s in 1..`span`, dE(i + s - 1) lies J beyond the range (min to max) of the
          last `history` + 1 epochs before i, with |J| > k sigma;
       3. confirmation: the epoch after the break is still beyond that range by half of J (a
          one-epoch glitch, or the return from one, is not CO); a break at the last epoch waits.
+    Where the rows have `energy_natural`, breaks are looked for only after dE(x) has once moved
+    CO_STARTED of |E(x)| away from its first value: phase 1 leaving the flat start is not CO.
     Returns the epoch with the largest single-epoch change inside the break, or None.
 
     `train_attack_accuracy` (accuracy under the training attack on the same training subset), where
     the rows have it, is supporting evidence only: a break of CO_K_SUPPORTED sigmas (instead of k)
-    counts when that accuracy rises by CO_ACC_JUMP or more over the same epochs, the other face of
-    CO (the single-step attack stops finding adversarial points). dE(x) alone suffices otherwise.
+    counts when that accuracy reaches CO_ACC_JUMP or more above its best before the break, the
+    other face of CO (the single-step attack stops finding adversarial points), and dE(x,y)
+    (`delta_joint`, where the rows have it) rises with it: x* no longer lowers the true class's
+    logit as much. While the model learns in phase 1 the accuracy rises too, but dE(x,y) falls;
+    a recovery after a dip is not a rise above the best either. dE(x) alone suffices otherwise.
     A smooth series - phase 1, a plateau, a gradual phase-3 drift - is not flagged.
     """
     if history < 2 or span < 1 or not k > 0:
@@ -328,19 +338,38 @@ def detect_catastrophic_overfitting(
     e, x = _column(rows, "delta_energy")
     e_acc, acc = _column(rows, "train_attack_accuracy")
     accuracy = dict(zip(e_acc.tolist(), acc.tolist()))
+    e_nat, nat = _column(rows, "energy_natural")
+    natural = dict(zip(e_nat.tolist(), np.abs(nat).tolist()))
+    e_joint, dj = _column(rows, "delta_joint")
+    joint = dict(zip(e_joint.tolist(), dj.tolist()))
     n = len(x)
-    for i in range(history + 1, n):
+    # Phase 1 first: the first epoch from which dE(x) has left its starting value by CO_STARTED of
+    # |E(x)|, where the rows have E(x) (else from the start). Before it, dE(x) sits near 0 and its
+    # first departure - however sudden against that flat start - is phase 1, not a break.
+    started = 0
+    if natural:
+        moved = [ep in natural and abs(v - x[0]) > CO_STARTED * natural[ep] for ep, v in zip(e.tolist(), x)]
+        started = moved.index(True) + 1 if any(moved) else n
+    for i in range(max(history + 1, started), n):
         recent = x[i - history - 1 : i]
+        recent_epochs = e[i - history - 1 : i].tolist()
         d2 = np.diff(x[:i], 2)  # second differences: the noise, blind to smooth trends (var 6 s^2 vs 2 s^2)
         scale = max(MAD_TO_SIGMA * float(np.median(np.abs(d2 - np.median(d2)))) / math.sqrt(3.0),
                     abs(float(np.median(np.diff(recent)))),
-                    CO_REL_FLOOR * float(np.abs(recent).max()), ABS_FLOOR)
+                    CO_REL_FLOOR * float(np.abs(recent).max()),
+                    CO_ENERGY_FLOOR * max((natural.get(ep, 0.0) for ep in recent_epochs), default=0.0), ABS_FLOOR)
         lo, hi = float(recent.min()), float(recent.max())
+        best_acc = max((accuracy[ep] for ep in e[:i].tolist() if ep in accuracy), default=None)
         for s in range(1, min(span, n - i) + 1):
             value = x[i + s - 1]
             jump = value - hi if value > hi else value - lo if value < lo else 0.0  # beyond the recent range
-            a0, a1 = accuracy.get(int(e[i - 1])), accuracy.get(int(e[i + s - 1]))
-            supported = a0 is not None and a1 is not None and a1 - a0 >= CO_ACC_JUMP
+            a1 = accuracy.get(int(e[i + s - 1]))
+            supported = best_acc is not None and a1 is not None and a1 - best_acc >= CO_ACC_JUMP
+            j0, j1 = joint.get(int(e[i - 1])), joint.get(int(e[i + s - 1]))
+            if supported and j0 is not None and j1 is not None:
+                # CO: x* stops being adversarial for the true class, so dE(x,y) = E(x,y) - E(x*,y)
+                # rises towards 0 or above; while the model learns (phase 1) it falls as the accuracy rises.
+                supported = j1 > j0
             if abs(jump) <= (CO_K_SUPPORTED if supported else k) * scale:
                 continue
             after = i + s
