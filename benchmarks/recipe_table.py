@@ -10,6 +10,13 @@ data is a digits stand-in for generated images (benchmarks/digits_extra.py), mad
     python benchmarks/recipe_table.py                                # every row, seeds 0 1 2, 40 epochs
     python benchmarks/recipe_table.py --seeds 0 --epochs 20          # what fits a busy machine
     python benchmarks/recipe_table.py --rows baseline awp --seeds 3  # more seeds of some rows
+    python benchmarks/recipe_table.py --timing                       # seconds per training epoch, on a quiet machine
+
+Accuracy runs may share the machine (their train_seconds then count each other); `--timing` is the
+time column to quote: every row trains `--timing-epochs` epochs (seed 0, its own --out under
+runs/recipe-table/timing/), the rows interleaved for `--timing-rounds` rounds, one after another
+in this process's children; the median over rounds of each row's median train_seconds per epoch
+(epoch 1 dropped), and its ratio to the baseline row's.
 
 Runs go to runs/recipe-table/<row>-e<epochs>-s<seed>/ and are reused: a finished run is read, a
 stopped one is resumed (`weat train --resume`), so rerunning the command fills in what is missing.
@@ -110,6 +117,33 @@ def write_table(runs: Path, epochs: int, results: Path) -> dict:
     return table
 
 
+def timing(rows: list[str], extra: Path, runs: Path, threads: int, epochs: int, rounds: int) -> dict:
+    """Seconds per training epoch of each row (evaluation excluded), the rows interleaved."""
+    per_row: dict[str, list[float]] = {row: [] for row in rows}
+    for rnd in range(rounds):
+        for row in rows:
+            out = runs / "timing" / f"{row}-r{rnd}"
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            flags = [str(extra) if f == EXTRA else f for f in ROWS[row][1]]
+            cmd = ["train", "--preset", "digits-weat", "--epochs", str(epochs), "--seed", "0", "--device", "cpu",
+                   "--set", "train.eval_n=50", "--set", "train.energy_n=50",  # evaluation is not timed: keep it short
+                   *flags, "--out", str(out), "--json"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            subprocess.run([sys.executable, "-m", "weatcli", *cmd], check=True, env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+            per_row[row].append(statistics.median(r["train_seconds"] for r in _rows(out)[1:]))
+            print(f"timing {row} round {rnd}: {per_row[row][-1]:.2f} s/epoch", file=sys.stderr, flush=True)
+    med = {row: statistics.median(v) for row, v in per_row.items()}
+    base = med.get("baseline", next(iter(med.values())))
+    return {"seconds_per_epoch": {k: round(v, 3) for k, v in med.items()},
+            "ratio_to_baseline": {k: round(v / base, 2) for k, v in med.items()},
+            "all": {k: [round(x, 3) for x in v] for k, v in per_row.items()},
+            "epochs": epochs, "rounds": rounds, "threads": threads, "load_after": round(os.getloadavg()[0], 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
@@ -119,10 +153,19 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "recipe-table")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "recipe")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (runs go one after another)")
+    p.add_argument("--timing", action="store_true", help="only the seconds per training epoch of each row")
+    p.add_argument("--timing-epochs", type=int, default=3)
+    p.add_argument("--timing-rounds", type=int, default=2)
     args = p.parse_args()
     if not args.extra.exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits_extra.py"), "--out", str(args.extra)],
                        check=True, cwd=ROOT)
+    if args.timing:
+        result = timing(args.rows, args.extra, args.runs, args.threads, args.timing_epochs, args.timing_rounds)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "recipe-timing.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["seconds_per_epoch"]), json.dumps(result["ratio_to_baseline"]))
+        return
     for seed in args.seeds:  # seed-major: a stopped table has whole seeds of every row
         for row in args.rows:
             print(f"{row} seed {seed} ...", file=sys.stderr, flush=True)
