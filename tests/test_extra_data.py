@@ -3,6 +3,8 @@ the batch as a pure function of (seed, epoch, step)."""
 
 from __future__ import annotations
 
+import warnings
+
 import json
 import math
 import os
@@ -88,7 +90,10 @@ def test_batches_are_the_files_rows(tmp_path):
     with np.load(path) as ref:
         image, label = ref["image"], ref["label"]
     for budget in (None, 0):  # resident on the device, and streamed from the map by the prefetch thread
-        with ExtraStream(path, fraction=0.3, batch_size=20, num_real=100, seed=3, resident_budget=budget) as s:
+        with warnings.catch_warnings():  # the read-only map is copied, not wrapped (torch warns on that)
+            warnings.simplefilter("error")
+            s = ExtraStream(path, fraction=0.3, batch_size=20, num_real=100, seed=3, resident_budget=budget)
+        with s:
             assert s.resident == (budget is None)
             for step in range(4):
                 idx = s.indices(1, step)

@@ -300,9 +300,9 @@ class ExtraStream:
         self._x = torch.empty((n, c, h, w), dtype=torch.uint8, device=self.device)
         chunk = max(1, (64 << 20) // (c * h * w))
         for i in range(0, n, chunk):
-            part = torch.from_numpy(np.ascontiguousarray(imgs[i:i + chunk]))  # (b, H, W, C)
+            part = torch.from_numpy(np.array(imgs[i:i + chunk]))  # (b, H, W, C); a copy: the map is read-only
             self._x[i:i + chunk] = part.to(self.device).permute(0, 3, 1, 2)
-        self._y = torch.from_numpy(np.asarray(labs, dtype=np.int64)).to(self.device)
+        self._y = torch.from_numpy(np.array(labs, dtype=np.int64)).to(self.device)
         self.resident = True
 
     def _gather(self, epoch: int, step: int, slot: int) -> Any:
