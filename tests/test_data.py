@@ -544,6 +544,30 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def test_first_per_class_keeps_the_first_images_of_each_class_in_file_order():
+    ds = data.load("digits")
+    sub = data.first_per_class(ds, 7)
+    assert torch.equal(sub.train_y.bincount(), torch.full((10,), 7))
+    for c in range(10):  # the first 7 of class c, in the order the file has them
+        assert torch.equal(sub.train_x[sub.train_y == c], ds.train_x[ds.train_y == c][:7])
+    assert sub.test_x is ds.test_x and sub.num_classes == ds.num_classes  # the test split is whole
+    assert data.first_per_class(ds, None) is ds
+    assert len(data.first_per_class(ds, 10_000).train_y) == len(ds.train_y)  # more than a class has: all of it
+
+
+def test_train_per_class_reaches_the_training_loop(tmp_path):
+    from weatcli.config import resolve
+    from weatcli.train import fit
+
+    events = []
+    cfg = resolve(preset="digits-standard", overrides={
+        "data.train_per_class": 3, "train.epochs": 1, "train.batch_size": 10, "train.eval_n": 20,
+        "train.energy_n": 20, "train.device": "cpu", "train.out": str(tmp_path / "run")})
+    fit(cfg, on_event=lambda kind, payload: events.append((kind, payload)))
+    start = dict(events)["start"]
+    assert start["batches"] == 3  # 10 classes x 3 images, batches of 10
+
+
 def test_to_float():
     x = torch.tensor([0, 51, 255], dtype=torch.uint8)
     assert torch.equal(data.to_float(x), torch.tensor([0.0, 0.2, 1.0]))

@@ -118,6 +118,8 @@ class DataConfig(_Section):
     download: bool = Field(False, description="allow torchvision's downloaders to fetch a missing dataset")
     crop_padding: int = Field(4, ge=0, le=64, description="zero padding (pixels) of the random crop; 0 disables")
     flip: bool = Field(True, description="random horizontal flip (turn off for digits: mirrored digits are other glyphs)")
+    train_per_class: int | None = Field(None, ge=1, description="train on at most this many training images of each "
+                                        "class, the first in file order (a small-data study; the test split is whole)")
     # Generated training data (docs/science.md#extra-data), read by weatcli/extra_data.py.
     extra_data: str | None = Field(None, description="generated training images: an uncompressed np.savez .npz with "
                                    "image (N, H, W, C) uint8 and label (N,), memory-mapped (e.g. the DM-AT 1M EDM file)")

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -506,6 +506,16 @@ def load(
         host.test_y.to(device),
         host.num_classes,
     )
+
+
+def first_per_class(ds: Dataset, n: int | None) -> Dataset:
+    """`ds` with at most `n` training images of each class, the first of each in file order (None: all)."""
+    if n is None:
+        return ds
+    keep = torch.zeros(len(ds.train_y), dtype=torch.bool, device=ds.train_y.device)
+    for c in range(ds.num_classes):
+        keep[torch.nonzero(ds.train_y == c).flatten()[:n]] = True
+    return replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
