@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from conftest import run_cli, trained_checkpoint, write_cifar10
 from weatcli import checkpoint as ckpt
+from weatcli.energy import ENERGY_QUANTITIES
 
-ENERGY_KEYS = {"natural_mean", "natural_std", "adversarial_mean", "adversarial_std", "delta_mean",
-               "joint_natural_mean", "joint_adversarial_mean", "joint_delta_mean"}
+DESCRIBE_KEYS = ["mean", "std", "q05", "q25", "q50", "q75", "q95", "n"]  # energy.describe
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +27,19 @@ def test_json_has_exactly_the_documented_keys(model_path, capsys):
     code, out, err = run_cli(["attack", str(model_path), "-a", "pgd", "-a", "cw", "--n", "64", "--steps", "5", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)  # stdout is one JSON object and nothing else
-    assert list(result) == ["model", "eps", "norm", "n", "clean_accuracy", "attacks", "worst_case_accuracy"]
+    assert list(result) == ["model", "eps", "norm", "n", "clean_accuracy", "attacks", "worst_case_accuracy", "config"]
     assert (result["model"], result["eps"], result["norm"], result["n"]) == (str(model_path), 0.1, "linf", 64)
     assert list(result["attacks"]) == ["pgd", "cw"]
     for a in result["attacks"].values():
-        assert set(a) == {"robust_accuracy", "seconds", "energy"} and set(a["energy"]) == ENERGY_KEYS
+        assert set(a) == {"robust_accuracy", "seconds", "energy"} and list(a["energy"]) == list(ENERGY_QUANTITIES)
         assert 0 <= a["robust_accuracy"] <= result["clean_accuracy"] <= 1 and a["seconds"] >= 0
-        assert all(isinstance(v, float) for v in a["energy"].values())
+        for d in a["energy"].values():  # the one energy summary schema: energy.summarize
+            assert list(d) == DESCRIBE_KEYS and d["n"] == 64
+            assert all(isinstance(v, float) for k, v in d.items() if k != "n")
+        e = {k: d["mean"] for k, d in a["energy"].items()}
+        assert e["delta_energy"] == pytest.approx(e["energy_natural"] - e["energy_adversarial"], abs=1e-6)
+    assert set(result["config"]) == {"data", "attack", "evaluate"}
+    assert result["config"]["evaluate"]["attacks"] == ["pgd", "cw"] and result["config"]["evaluate"]["steps"] == 5
     assert result["worst_case_accuracy"] <= min(a["robust_accuracy"] for a in result["attacks"].values())
     assert "pgd: robust accuracy" in err and "cw: robust accuracy" in err  # progress and logs on stderr
 
@@ -132,7 +138,7 @@ def foreign_files(tmp_path_factory):
         (["{root}/missing.safetensors"], "not found"),
         (["{root}/garbage.safetensors"], "not a readable safetensors"),
         (["{root}/other.safetensors"], "not a weat checkpoint"),
-        (["{ckpt}", "--attack", "fgsm"], "--attack: unknown 'fgsm'"),
+        (["{ckpt}", "--attack", "fgsm"], "--attack (evaluate.attacks): unknown 'fgsm'"),
         (["{ckpt}", "--eps", "-1/255"], "--eps"),
         (["{ckpt}", "--eps", "2"], "--eps"),
         (["{ckpt}", "--eps", "abc"], "--eps"),
@@ -157,3 +163,67 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, model_path, foreign_file
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- config: defaults, --set, presets
+
+
+def test_help_shows_the_config_models_defaults(capsys):
+    code, out, err = run_cli(["attack", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())  # rich wraps the help
+    for flag, default in (("--steps", 20), ("--restarts", 1), ("--batch-size", 500), ("--target-class", "random"),
+                          ("--attack", "pgd"), ("--split", "test"), ("--seed", 0), ("--device", "auto")):
+        assert f"[default: {default}]" in text.split(flag, 1)[1].split(" --", 1)[0], flag
+    assert "(default: the checkpoint's)" in text.split("--eps", 1)[1]  # the threat: the checkpoint's, not [attack]'s
+    assert "--preset" in text and "--set" in text
+
+
+def test_set_changes_what_runs(model_path, capsys):
+    code, out, err = run_cli(["attack", str(model_path), "--n", "16", "--set", "evaluate.attacks=['CW']",
+                              "--set", "evaluate.steps=0", "--set", "attack.eps=0.2", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["evaluate"]["attacks"] == ["cw"] and list(result["attacks"]) == ["cw"]
+    assert result["config"]["evaluate"]["steps"] == 0 and result["config"]["attack"]["eps"] == result["eps"] == 0.2
+    assert result["config"]["attack"]["step_size"] == pytest.approx(0.05)  # the checkpoint's ratio, 1/4
+    assert "linf eps 0.2: cw" in err
+
+
+def test_a_presets_sections_apply_and_flags_win(model_path, tmp_path, capsys):
+    preset = tmp_path / "eval.toml"
+    preset.write_text('[evaluate]\nn = 12\nsteps = 1\nattacks = ["pgd", "cw"]\n[attack]\neps = "4/255"\n')
+    code, out, err = run_cli(["attack", str(model_path), "-p", str(preset), "--steps", "2", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n"] == 12 and list(result["attacks"]) == ["pgd", "cw"] and result["eps"] == pytest.approx(4 / 255)
+    assert result["config"]["evaluate"]["steps"] == 2  # the flag over the preset
+    assert result["config"]["attack"]["steps"] == ckpt.stored_config(model_path).attack.steps  # the rest: stored
+
+
+@pytest.mark.parametrize("item,needle", [("evaluate.restarts=0", "evaluate.restarts"),
+                                         ("evaluate.target_class=most", "evaluate.target_class"),
+                                         ("evaluate.attacks=['fgsm']", "evaluate.attacks"),
+                                         ("evaluate.nope=1", "evaluate.nope")])
+def test_bad_set_value_is_exit_2_naming_the_key(model_path, item, needle, capsys):
+    code, out, err = run_cli(["attack", str(model_path), "--set", item, "--json"], capsys)
+    assert code == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_eps_zero_is_the_clean_accuracy(model_path, capsys):
+    code, out, err = run_cli(["attack", str(model_path), "--eps", "0", "-a", "pgd", "-a", "cw", "--n", "32",
+                              "--steps", "2", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["eps"] == 0 and result["config"]["attack"]["eps"] == 0
+    for a in result["attacks"].values():
+        assert a["robust_accuracy"] == result["clean_accuracy"] and a["energy"]["delta_energy"]["mean"] == 0
+
+
+def test_target_class_implies_targeted(model_path, capsys):
+    code, out, err = run_cli(["attack", str(model_path), "--target-class", "3", "--n", "16", "--steps", "2", "--json"],
+                             capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["evaluate"]["targeted"] and result["config"]["evaluate"]["target_class"] == "3"
+    assert "target_success_rate" in result["attacks"]["pgd"]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, robust_checkpoint
+from conftest import run_cli, robust_checkpoint, trained_run
 from weatcli import checkpoint as ckpt
-from weatcli import sampling, scoring
+from weatcli import sampling, scoring, variety
 from weatcli import config as config_mod
+from weatcli import data as data_mod
 
 
 
@@ -75,6 +76,7 @@ def test_sample_flags_reach_the_engine(model_path, monkeypatch, tmp_path, capsys
     code, out, _ = run_cli(["sample", str(model_path), "--sgld-steps", "30", "--n", "7", "--classes", "1,2", "--init", "pca",
                         "--step-size", "1/20", "--momentum", "0.8", "--noise", "0.01", "--alpha", "1", "--pca-variance",
                         "0.95", "--pca-sigma", "0.02", "--init-noise", "0.3", "--adaptive", "0.5", "--seed", "3",
+                        "--pca-scale", "0.5", "--local-neighbours", "20", "--adaptive-rule", "squared",
                         "--batch-size", "64", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o.safetensors")], capsys)
     assert code == 0 and out == "x.safetensors\n"
     s = seen["cfg"].sample
@@ -83,6 +85,7 @@ def test_sample_flags_reach_the_engine(model_path, monkeypatch, tmp_path, capsys
     assert s.step_size == pytest.approx(0.05) and (s.momentum, s.noise, s.alpha) == (0.8, 0.01, 1.0)
     assert (s.init, s.pca_variance, s.pca_sigma, s.init_noise, s.adaptive, s.seed, s.batch_size) == (
         "pca", 0.95, 0.02, 0.3, 0.5, 3, 64)
+    assert (s.pca_scale, s.local_neighbours, s.adaptive_rule) == (0.5, 20, "squared")
     assert seen["cfg"].data.data_dir == str(tmp_path) and seen["cfg"].data.dataset == "digits"  # the checkpoint's
     seen.clear()
     assert run_cli(["sample", str(model_path)], capsys)[0] == 0
@@ -102,6 +105,8 @@ def option_help(command: list[str], flag: str, capsys) -> str:
     (["sample"], config_mod.SampleConfig, {"--sgld-steps": "steps", "--init": "init", "--step-size": "step_size",
                                            "--momentum": "momentum", "--noise": "noise", "--pca-variance": "pca_variance",
                                            "--pca-sigma": "pca_sigma", "--init-noise": "init_noise",
+                                           "--pca-scale": "pca_scale", "--local-neighbours": "local_neighbours",
+                                           "--adaptive-rule": "adaptive_rule",
                                            "--batch-size": "batch_size", "--seed": "seed", "--device": "device"}),
     (["score"], config_mod.ScoreConfig, {"--features": "features", "--batch-size": "batch_size", "--seed": "seed",
                                          "--device": "device"}),
@@ -110,7 +115,9 @@ def test_help_shows_the_config_defaults(command, section, flags, capsys):
     """Defaults live in config.py only: --help shows the model's value (torch stays unimported for --help)."""
     for flag, name in flags.items():
         assert f"[default: {section.model_fields[name].default}]" in option_help(command, flag, capsys), flag
-    assert "[default: fid,is,kid]" in option_help(["score"], "--metrics", capsys)
+    metrics_help = option_help(["score"], "--metrics", capsys)
+    assert f"(default {','.join(config_mod.SCORE_DEFAULT_METRICS)}, plus diversity" in metrics_help
+    assert "[default:" not in metrics_help and "[default:" not in option_help(["score"], "--judge", capsys)
     assert f"(default {config_mod.SAMPLE_N_PER_CLASS})" in option_help(["sample"], "--n-per-class", capsys)
     assert "[default:" not in option_help(["sample"], "--alpha", capsys)  # None: sqrt(2 * eta), said in words
 
@@ -186,11 +193,27 @@ def test_score_flags_preset_and_set_reach_the_engine(monkeypatch, tmp_path, caps
     assert code == 0 and (cfg.score.metrics, cfg.score.batch_size, cfg.score.seed) == (["kid"], 7, 4)
     code, cfg, _, _ = score_cli(monkeypatch, capsys, "-p", str(preset), "--metrics", "is", "--set", "score.metrics=fid")
     assert code == 0 and cfg.score.metrics == ["fid"]  # defaults <- preset <- flags <- --set
+    code, cfg, _, _ = score_cli(monkeypatch, capsys, "--judge", "j.safetensors", "--set", "score.prdc_k=3", "--set",
+                                "score.prdc_max=500", "--set", "score.diversity_max_per_class=40")
+    assert code == 0 and cfg.score.judge == "j.safetensors" and cfg.score.metrics is None
+    assert (cfg.score.prdc_k, cfg.score.prdc_max, cfg.score.diversity_max_per_class) == (3, 500, 40)
+    # No --metrics: the default list, diversity for labelled samples, judge with a judge; a list is kept as given.
+    assert cfg.score.metrics_for(labelled=True) == [*config_mod.SCORE_DEFAULT_METRICS, "diversity", "judge"]
+    assert config_mod.ScoreConfig().metrics_for(labelled=False) == list(config_mod.SCORE_DEFAULT_METRICS)
+    assert config_mod.ScoreConfig(metrics="kid", judge="j").metrics_for(labelled=True) == ["kid", "judge"]
+    assert "prdc" not in config_mod.ScoreConfig().metrics_for(labelled=False, n=5)  # too few for k = 5: left out
+    assert "prdc" in config_mod.ScoreConfig(metrics="prdc").metrics_for(labelled=False, n=5)  # asked: refused later
 
 
 @pytest.mark.parametrize("args,message", [
     (["--set", "score.batch_size=0"], "score.batch_size: Input should be greater than or equal to 1 (got 0)"),
-    (["--metrics", "fid,lpips"], "--metrics (score.metrics): unknown metric 'lpips'; expected a comma list of fid, is, kid"),
+    (["--metrics", "fid,lpips"], "--metrics (score.metrics): unknown metric 'lpips'; expected a comma list of fid, is, "
+                                 "kid, prdc, diversity, judge"),
+    (["--metrics", "prdc,judge"], "score.metrics: judge needs score.judge; expected --judge CKPT"),
+    (["--set", "score.prdc_k=0"], "score.prdc_k: Input should be greater than or equal to 1 (got 0)"),
+    (["--set", "score.prdc_k=5", "--set", "score.prdc_max=5"], "score.prdc_max 5 must exceed score.prdc_k 5"),
+    (["--set", "score.diversity_max_per_class=1"], "score.diversity_max_per_class: Input should be greater than or "
+                                                   "equal to 2 (got 1)"),
     (["--n", "0"], "--n (score.n): Input should be greater than or equal to 1"),
 ])
 def test_score_bad_settings_exit_2_before_any_work(monkeypatch, capsys, args, message):
@@ -222,8 +245,13 @@ def test_sample_without_checkpoint_uses_the_newest_run(model_path, tmp_path, mon
 
 @pytest.mark.parametrize("args,message", [
     (["--classes", "0,10"], "--classes: class 10 out of range"),
-    (["--init", "gan"], "--init (sample.init): unknown starting point; expected one of uniform, informative, pca, noise "
-                        "(got 'gan')"),
+    (["--init", "gan"], "--init (sample.init): unknown starting point; expected one of uniform, informative, pca, "
+                        "pca-scaled, local-pca, noise (got 'gan')"),
+    (["--pca-scale", "-1"], "--pca-scale (sample.pca_scale): Input should be greater than or equal to 0 (got -1.0)"),
+    (["--local-neighbours", "1"], "--local-neighbours (sample.local_neighbours): Input should be greater than or "
+                                  "equal to 2 (got 1)"),
+    (["--adaptive-rule", "slope"], "--adaptive-rule (sample.adaptive_rule): Input should be 'below' or 'squared'"),
+    (["--adaptive", "-1", "--adaptive-rule", "squared"], "never stops; expected a threshold > 0"),
     (["--sgld-steps", "-1"], "--sgld-steps (sample.steps): Input should be greater than or equal to 0 (got -1)"),
     (["--step-size", "1/0"], "--step-size (sample.step_size): expected a number or a fraction like 8/255"),
     (["--n", "4", "--n-per-class", "2"], "--n (sample.n) and --n-per-class (sample.n_per_class) are both set; "
@@ -284,3 +312,101 @@ def test_shell_pipeline(model_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
     assert s["n"] == 30 and 1.0 <= s["is_mean"] <= 10.0 and s["fid"] is None and s["kid"] is None
+
+
+# ----------------------------------------------------------------------------- variety (issue 14)
+
+
+@pytest.fixture(scope="session")
+def judge_path(tmp_path_factory) -> Path:
+    """A separately trained standard digits model (shared with test_cli_energy)."""
+    return trained_run(tmp_path_factory, "standard", epochs=2).checkpoint
+
+
+def test_score_quality_and_variety_end_to_end(model_path, judge_path, tmp_path, capsys):
+    """`weat score --metrics prdc,diversity,judge --judge J --features F`: keys, ranges, the side-by-side table."""
+    code, path, err = run_cli(["sample", str(model_path), "--n-per-class", "8", "--classes", "0,3,5", "--sgld-steps", "3",
+                               "--init", "pca-scaled", "--device", "cpu", "--out", str(tmp_path / "s.safetensors")], capsys)
+    assert code == 0, err
+    args = ["score", path.strip(), "--metrics", "prdc,diversity,judge", "--judge", str(judge_path), "--features",
+            str(judge_path), "--device", "cpu"]
+    code, out, err = run_cli([*args, "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["metrics"] == ["prdc", "diversity", "judge"] and s["judge"] == str(judge_path)
+    assert all(0 <= s[k] <= 1 for k in ("precision", "recall", "coverage", "judge_accuracy"))
+    assert s["density"] >= 0 and s["diversity"] > 0 and s["fid"] is None and s["is_mean"] is None
+    assert set(s["diversity_per_class"]) == {"0", "3", "5"} and s["reference"].startswith("digits:train")
+    # The numbers are variety.py's on the judge's features of the samples and of the training split.
+    tensors, _ = ckpt.read(path.strip())
+    net, _ = scoring.classifier_net(judge_path, sampling.torch.device("cpu"))
+    ds = data_mod.load("digits")
+    fake, _ = scoring.extract(net, tensors["samples"], batch_size=100, want_probs=False)
+    real, _ = scoring.extract(net, ds.train_x, batch_size=500, want_probs=False)
+    expected = variety.prdc(real.astype("float32"), fake, k=5)  # the reference features are cached as float32
+    assert {k: s[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert s["diversity"] == pytest.approx(variety.diversity_ratio(fake, tensors["labels"], real.astype("float32"),
+                                                                   ds.train_y)["ratio"], rel=1e-9)
+    judge = ckpt.load(judge_path).model
+    assert s["judge_accuracy"] == pytest.approx(variety.judge_accuracy(judge, tensors["samples"], tensors["labels"]))
+    code, out, _ = run_cli(args, capsys)  # the rich table: quality and variety side by side
+    header = next(line for line in out.splitlines() if "quality" in line)
+    assert header.index("quality") < header.index("variety")
+    assert all(word in out for word in ("precision", "density", "judge recognises", "recall", "coverage", "diversity"))
+    assert "│ FID" not in out
+
+
+def test_score_refuses_the_sampled_model_as_its_own_judge(model_path, tmp_path, capsys):
+    code, path, _ = run_cli(["sample", str(model_path), *small(tmp_path)], capsys)
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(model_path, copy)
+    for judge in (model_path, copy):  # by content, not by name
+        code, out, err = run_cli(["score", path.strip(), "--metrics", "judge", "--judge", str(judge), "--device", "cpu"],
+                                 capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert f"--judge: {judge} is the checkpoint" in err and "expected another classifier" in err
+
+
+def test_diversity_and_judge_refuse_samples_without_labels(model_path, judge_path, tmp_path, capsys):
+    import numpy as np
+
+    x = data_mod.load("digits").test_x[:20].numpy()
+    np.savez(tmp_path / "plain.npz", images=x)
+    for metrics in (["--metrics", "diversity"], ["--metrics", "prdc", "--judge", str(judge_path)]):
+        code, out, err = run_cli(["score", str(tmp_path / "plain.npz"), "--features", str(judge_path), "--ref",
+                                  "digits", "--device", "cpu", *metrics], capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert "does not say which class each image was generated for" in err
+    # Unasked, diversity is left out for unlabelled images; with labels in the .npz it is computed.
+    code, out, err = run_cli(["score", str(tmp_path / "plain.npz"), "--features", str(judge_path), "--ref", "digits",
+                              "--device", "cpu", "--json", "--set", "score.metrics=['prdc']"], capsys)
+    assert code == 0 and json.loads(out)["diversity"] is None, err
+    np.savez(tmp_path / "labelled.npz", images=x, labels=data_mod.load("digits").test_y[:20].numpy())
+    code, out, err = run_cli(["score", str(tmp_path / "labelled.npz"), "--features", str(judge_path), "--ref", "digits",
+                              "--device", "cpu", "--json", "--metrics", "diversity"], capsys)
+    s = json.loads(out)
+    assert code == 0 and 0.5 < s["diversity"] < 1.5, err  # real test digits: about as varied as the training split
+
+
+def pixel_diversity(path: str) -> float:
+    """Mean intra-class pairwise pixel distance of a samples file over the training split's (variety.diversity_ratio)."""
+    tensors, _ = ckpt.read(path)
+    ds = data_mod.load("digits")
+    flat = lambda x: x.reshape(len(x), -1).double() / 255  # noqa: E731
+    return variety.diversity_ratio(flat(tensors["samples"]), tensors["labels"], flat(ds.train_x), ds.train_y)["ratio"]
+
+
+@pytest.mark.parametrize("steps", [0, 10])
+def test_data_scaled_inits_give_samples_that_vary_and_the_papers_pca_does_not(model_path, tmp_path, capsys, steps):
+    """Issue 14: `--init pca` with its defaults starts (and so ends) every chain of a digits class at
+    the class mean; pca-scaled and local-pca start from the data's spread and SGLD keeps it."""
+    ratios = {}
+    for init in ("pca", "pca-scaled", "local-pca"):
+        out_path = tmp_path / f"{init}.safetensors"
+        code, out, err = run_cli(["sample", str(model_path), "--init", init, "--n-per-class", "12", "--classes",
+                                  "1,4,8", "--sgld-steps", str(steps), "--step-size", "0.1", "--device", "cpu",
+                                  "--out", str(out_path)], capsys)
+        assert code == 0, err
+        ratios[init] = pixel_diversity(str(out_path))
+    assert ratios["pca"] < 0.1, ratios
+    assert ratios["pca-scaled"] > 0.5 and ratios["local-pca"] > 0.5, ratios

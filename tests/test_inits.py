@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from weatcli import data, inits, sampling
+from weatcli import config, data, inits, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a shared machine: two threads contend, one does not
 
@@ -107,8 +107,8 @@ def test_the_papers_pca_init_collapses_on_digits_and_the_scaled_one_does_not(dig
         real = mean_pairwise(ds.train_x[ds.train_y == c].float() / 255)
         g = lambda: torch.Generator().manual_seed(c)  # noqa: E731
         draws = {
-            "pca": sampling.init_pca(want, stats, variance=sampling.DEFAULT_PCA_VARIANCE,
-                                     sigma=sampling.DEFAULT_PCA_SIGMA, generator=g()),
+            "pca": sampling.init_pca(want, stats, variance=inits.DEFAULT_PCA_VARIANCE,
+                                     sigma=config.SampleConfig().pca_sigma, generator=g()),
             "pca-scaled": inits.init_pca_scaled(want, stats, generator=g()),
             "local-pca": inits.local_class_pca(want, ds.train_x, ds.train_y, generator=g()),
         }

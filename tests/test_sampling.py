@@ -1,5 +1,5 @@
-"""SGLD sampling: the update of docs/science.md#sgld step by step, the four initialisations on
-synthetic classes with known statistics, adaptive stopping, and `sample_checkpoint` end to end (with
+"""SGLD sampling: the update of docs/science.md#sgld step by step, the initialisations on
+synthetic classes with known statistics (pca-scaled and local-pca in detail: test_inits.py), adaptive stopping, and `sample_checkpoint` end to end (with
 the config `weat sample` resolves) on a small robust digits model trained once per session (shared
 with test_scoring / test_cli_sample).
 """
@@ -17,10 +17,12 @@ import torch.nn as nn
 from conftest import robust_checkpoint
 from weatcli import checkpoint as ckpt
 from weatcli import config as config_mod
+from weatcli import inits as inits_mod
 from weatcli import sampling
 from weatcli.attacks import attack_mode, folded_eval_model
 from weatcli.energy import joint_energy
 from weatcli.errors import WeatInputError
+from weatcli.fileio import file_digest
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:
@@ -137,6 +139,22 @@ def test_adaptive_stopping_freezes_a_sample_once_its_energy_is_close_to_the_clas
     torch.testing.assert_close(out.x[0], sampling.sgld(model, x0, y, steps=k, step_size=0.1, noise=0.0).x[0])
 
 
+def test_sgld_applies_the_chosen_stopping_rule():
+    """rule="squared" stops only within sqrt(T) of the class energy: a sample already far below it
+    keeps moving, where the one-sided default stops it at once."""
+    model = linear_model()
+    x0, y = torch.full((1, 1, 4, 4), 0.5), torch.tensor([0])
+    e0 = joint_energy(model(x0), y)
+    below = e0 + 5.0  # the start is 5 energy units below the "class mean"
+    kw = dict(steps=10, step_size=0.1, noise=0.0, stop_energy=below, threshold=1.0)
+    assert int(sampling.sgld(model, x0, y, rule="below", **kw).steps_taken[0]) == 0
+    assert int(sampling.sgld(model, x0, y, rule="squared", **kw).steps_taken[0]) == 10
+    near = e0 - 0.01  # within sqrt(T) = 1 of it from the start: both rules stop
+    assert int(sampling.sgld(model, x0, y, rule="squared", **{**kw, "stop_energy": near}).steps_taken[0]) == 0
+    with pytest.raises(ValueError, match="rule"):
+        sampling.sgld(model, x0, y, rule="slope", **kw)
+
+
 # ----------------------------------------------------------------------------- initialisations
 
 
@@ -221,6 +239,8 @@ def test_every_init_is_a_function_of_its_generator():
         "uniform": lambda g: sampling.init_uniform(want, (1, 2, 2), generator=g),
         "informative": lambda g: sampling.init_informative(want, stats, generator=g),
         "pca": lambda g: sampling.init_pca(want, stats, variance=0.9, sigma=0.5, generator=g),
+        "pca-scaled": lambda g: inits_mod.init_pca_scaled(want, stats, variance=0.9, scale=1.0, generator=g),
+        "local-pca": lambda g: inits_mod.local_class_pca(want, x_u8, y, neighbours=10, generator=g),
         "noise": lambda g: sampling.init_noise(want, x_u8, y, std=0.1, generator=g),
     }
     assert set(inits) == set(sampling.INITS)
@@ -283,7 +303,7 @@ def test_sample_checkpoint_writes_samples_energies_and_a_grid(model_path, tmp_pa
 
 
 def test_same_seed_same_samples(model_path, tmp_path):
-    for init in ("uniform", "pca"):
+    for init in ("uniform", "pca", "local-pca"):
         a = run_sampler(model_path, tmp_path, init=init, seed=3, out=tmp_path / f"a-{init}.safetensors")
         b = run_sampler(model_path, tmp_path, init=init, seed=3, out=tmp_path / f"b-{init}.safetensors")
         c = run_sampler(model_path, tmp_path, init=init, seed=4, out=tmp_path / f"c-{init}.safetensors")
@@ -306,7 +326,12 @@ def test_adaptive_stopping_from_a_checkpoint(model_path, tmp_path):
 @pytest.mark.parametrize("kw,match", [
     ({"classes": "0,12"}, "--classes: class 12 out of range"),
     ({"classes": "a,b"}, "--classes"),
-    ({"init": "gan"}, "sample.init: unknown starting point; expected one of uniform, informative, pca, noise"),
+    ({"init": "gan"}, "sample.init: unknown starting point; expected one of uniform, informative, pca, pca-scaled, "
+                      "local-pca, noise"),
+    ({"pca_scale": -0.5}, "sample.pca_scale"),
+    ({"local_neighbours": 1}, "sample.local_neighbours"),
+    ({"adaptive_rule": "slope"}, "sample.adaptive_rule"),
+    ({"adaptive": 0.0, "adaptive_rule": "squared"}, "sample.adaptive 0 with sample.adaptive_rule squared never stops"),
     ({"steps": -1}, r"sample.steps: .*\(got -1\)"),
     ({"n": 5, "n_per_class": 2}, "sample.n and sample.n_per_class are both set"),
     ({"pca_variance": 1.5}, "sample.pca_variance"),
@@ -322,10 +347,13 @@ def test_bad_input_names_the_field(model_path, tmp_path, kw, match):
 def test_the_config_is_what_runs(model_path, tmp_path):
     """Every [sample] setting reaches the sampler: the file's settings and the result's config echo."""
     r = run_sampler(model_path, tmp_path, init=" PCA ", steps=3, n=5, n_per_class=None, classes=None, step_size="1/20", momentum=0.5,
-                    pca_variance=0.8, pca_sigma=0.01, batch_size=2, seed=9)
+                    pca_variance=0.8, pca_sigma=0.01, pca_scale=0.7, local_neighbours=9,
+                    adaptive_rule="squared", batch_size=2, seed=9)
     _, meta = ckpt.read(tmp_path / "s.safetensors", metadata_only=True)
     settings = json.loads(meta["settings"])
     assert (settings["init"], settings["steps"], settings["momentum"], settings["seed"]) == ("pca", 3, 0.5, 9)
+    assert (settings["pca_scale"], settings["local_neighbours"], settings["adaptive_rule"]) == (0.7, 9, "squared")
+    assert meta["checkpoint_sha256"] == settings["checkpoint_sha256"] == file_digest(model_path)  # for --judge's check
     assert settings["step_size"] == pytest.approx(0.05) and settings["alpha"] == pytest.approx(math.sqrt(0.1))
     assert r.labels.tolist() == [0, 1, 2, 3, 4]  # n=5 over 10 classes: one each for the first five
     assert set(r.config) == {"data", "sample"} and r.config["sample"]["pca_variance"] == 0.8

@@ -264,3 +264,18 @@ def test_score_with_an_inception_file(fake_inception, tmp_path):
     s = r.summary()
     assert s["fid"] == pytest.approx(0.0, abs=1e-6) and abs(s["kid"]) < 1e-3 and 1.0 <= s["is_mean"] <= 5.0
     assert s["features"] == "inception" and s["comparable_with_inception"] is True and s["n"] == 40
+
+
+def test_inception_file_in_the_shared_folder_is_used_only_when_private(monkeypatch, tmp_path):
+    """clean-fid's download folder is /tmp, where anyone can drop a file, and the weights are a
+    TorchScript program: a copy there counts only if it is ours and nobody else may write it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(scoring, "CLEANFID_DIR", shared)
+    planted = shared / scoring.INCEPTION_FILE
+    planted.write_bytes(b"not a real network")
+    planted.chmod(0o666)  # world-writable: not trusted
+    with pytest.raises(WeatInputError, match="not found"):
+        scoring.find_inception_weights()
+    planted.chmod(0o600)
+    assert scoring.find_inception_weights() == planted

@@ -206,6 +206,41 @@ def test_select_energy_without_phase_3_keeps_the_latest_epoch(tmp_path, monkeypa
     assert result.best_epoch == 2 and ckpt.load(result.checkpoint).epoch == 2
 
 
+def test_restored_momentum_takes_its_weights_memory_layout():
+    """Resume with channels_last weights and fused SGD (the CUDA default): the momentum buffers
+    come back in the weights' layout, so the resumed step equals the uninterrupted one."""
+    from weatcli import train as train_mod
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        m(torch.zeros(1, 3, 8, 8))
+        m = m.to(memory_format=torch.channels_last)
+        return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True)
+
+    x = torch.rand(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 0, 1])
+
+    def step(m, opt):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    ref, ref_opt = model_and_opt()
+    for _ in range(3):
+        step(ref, ref_opt)
+    resumed, opt = model_and_opt()
+    for _ in range(2):
+        step(resumed, opt)
+    saved = train_mod._optimizer_tensors(opt)
+    weights = {k: v.clone() for k, v in resumed.state_dict().items()}
+    resumed, opt = model_and_opt()
+    resumed.load_state_dict(weights)
+    train_mod._restore_optimizer(opt, saved, "cpu")
+    step(resumed, opt)
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
 def test_metrics_carry_training_attack_accuracy_and_der(tmp_path):
     """metrics.jsonl: accuracy under the training attack on the energy subset (every method), and
     the mean DER term when train.der_weight > 0; the summary names phase 3 and CO (None here)."""

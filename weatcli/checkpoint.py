@@ -133,24 +133,6 @@ def _int_metadata(path: Path, meta: dict[str, str], key: str) -> int:
     return value
 
 
-def _check_format(path: Path, meta: dict[str, str]) -> None:
-    if meta.get("format") != FORMAT:
-        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-
-
-def stored_config(path: Path | str) -> RunConfig:
-    """The RunConfig a checkpoint was made with, from its metadata alone (no tensor is read): what a
-    command resolves its own config on top of (config.resolve_command), before any slow work."""
-    path = Path(path)
-    _, meta = read(path, metadata_only=True)
-    _check_format(path, meta)
-    if "config" not in meta:
-        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no 'config'); expected the keys "
-                             f"{', '.join(REQUIRED_METADATA)}")
-    return validate(_json_metadata(path, meta, "config"), source=f"checkpoint: {path} config")
-
-
 def _rebuild(cfg: RunConfig, meta: dict[str, str], *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The untrained model the metadata describes: a weat arch, or a RobustBench zoo entry
     (arch `robustbench:NAME`, rebuilt offline through the robustbench package's registry)."""
@@ -171,13 +153,8 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     """Rebuild the model of a weat checkpoint from its metadata alone (eval mode, on `device`)."""
     path = Path(path)
     tensors, meta = read(path)
-    _check_format(path, meta)
-    missing_keys = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing_keys:
-        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no {', '.join(map(repr, missing_keys))}); "
-                             f"expected the keys {', '.join(REQUIRED_METADATA)}")
-    config, metrics = (_json_metadata(path, meta, k) for k in ("config", "metrics"))
-    cfg = validate(config, source=f"checkpoint: {path} config")
+    cfg = _stored_config(path, meta)
+    metrics = _json_metadata(path, meta, "metrics")
     num_classes, in_channels, image_size = (_int_metadata(path, meta, k) for k in ("num_classes", "in_channels", "image_size"))
     try:
         model = _rebuild(cfg, meta, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
@@ -200,3 +177,27 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     return Checkpoint(path=path, model=model, config=cfg, metadata=meta, metrics=metrics, extra=extra)
+
+
+def _stored_config(path: Path, meta: dict[str, str]) -> RunConfig:
+    """The RunConfig in a weat checkpoint's metadata; a foreign or broken file is bad input naming it."""
+    if meta.get("format") != FORMAT:
+        raise WeatInputError(f"checkpoint: {path} is not a weat checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    missing_keys = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing_keys:
+        raise WeatInputError(f"checkpoint: {path} has incomplete weat metadata (no {', '.join(map(repr, missing_keys))}); "
+                             f"expected the keys {', '.join(REQUIRED_METADATA)}")
+    return validate(_json_metadata(path, meta, "config"), source=f"checkpoint: {path} config")
+
+
+def stored_config(path: Path | str) -> RunConfig:
+    """A checkpoint's stored RunConfig, read from its metadata alone (no tensors, no model): what a
+    command resolves its own config from before any slow work."""
+    path = Path(path)
+    return _stored_config(path, read(path, metadata_only=True)[1])
+
+
+def newest_checkpoint(root: Path | str = "runs") -> Path | None:
+    """The most recently modified runs/*/model.safetensors (relative to the working directory)."""
+    found = [p for p in Path(root).glob("*/model.safetensors") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None

@@ -135,6 +135,9 @@ def cfg_option(section: type, field: str, *decls: str, **kwargs: Any) -> Any:
     return typer.Option(*decls, help=text, show_default=False, **kwargs)
 
 
+_TRAIN, _DATA = config_mod.TrainConfig, config_mod.DataConfig  # the recipe flags' help comes from their fields
+
+
 @app.command()
 def train(
     preset: PresetOpt = None,
@@ -162,6 +165,12 @@ def train(
     devices: Annotated[Optional[int], typer.Option(min=1, help="Train on N local processes (GPUs, or CPU with gloo) "
                                                    "through torchrun's launcher; --batch-size is the global batch.")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Several ranks: batch norm over the global batch.")] = None,
+    ema: Annotated[Optional[float], cfg_option(_TRAIN, "ema_decay", "--ema", metavar="DECAY")] = None,
+    label_smoothing: Annotated[Optional[float], cfg_option(_TRAIN, "label_smoothing", "--label-smoothing")] = None,
+    awp_gamma: Annotated[Optional[float], cfg_option(_TRAIN, "awp_gamma", "--awp-gamma")] = None,
+    extra_data: Annotated[Optional[Path], cfg_option(_DATA, "extra_data", "--extra-data", metavar="FILE.npz")] = None,
+    extra_fraction: Annotated[Optional[float], cfg_option(_DATA, "extra_fraction", "--extra-fraction")] = None,
+    tensorboard: Annotated[Optional[Path], cfg_option(_TRAIN, "tensorboard", "--tensorboard", metavar="DIR")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory (its config is used).")] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -183,9 +192,14 @@ def train(
                 "train.select": select, "train.eval_n": eval_n, "train.precision": precision,
                 "train.compile": compile_, "train.cuda_graphs": cuda_graphs, "train.tf32": tf32,
                 "train.nan_policy": nan_policy, "train.sync_bn": sync_bn,
+                # Paths stored absolute: `--resume` from another directory finds them again.
+                "train.ema_decay": ema, "train.label_smoothing": label_smoothing, "train.awp_gamma": awp_gamma,
+                "data.extra_data": _absolute(extra_data), "data.extra_fraction": extra_fraction,
+                "train.tensorboard": _absolute(tensorboard),
             }
-            cfg = _resolve(config_mod.resolve, overrides, preset=preset, sets=set_)
-        elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out)) or set_:
+            cfg = _resolve(config_mod.resolve, overrides, {"train.ema_decay": "--ema"}, preset=preset, sets=set_)
+        elif any(v is not None for v in (preset, dataset, method, arch, epochs, batch_size, lr, eps, seed, out, ema,
+                                         label_smoothing, awp_gamma, extra_data, extra_fraction, tensorboard)) or set_:
             err.print("weat: note: --resume continues with the run's stored config; other options are ignored", markup=False)
 
         if devices is not None and cfg is not None and cfg.train.batch_size % devices:
@@ -230,6 +244,10 @@ def train(
     _guard(body)
 
 
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.expanduser().absolute())
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -269,35 +287,47 @@ def presets_show(
 # ----------------------------------------------------------------------------- attack
 
 
+def _threat_option(field: str) -> Any:
+    """An [attack] option of `weat attack`: help from AttackConfig; its default is the checkpoint's
+    threat (stored config), not AttackConfig's, so none is shown."""
+    from typing import get_args
+
+    info = config_mod.AttackConfig.model_fields[field]
+    text = info.description or f"{field}: " + " or ".join(get_args(info.annotation))
+    note = {"step_size": "the checkpoint's, scaled with --eps as in training: 2/255 per 8/255"}.get(field, "the checkpoint's")
+    return typer.Option(help=f"{text[:1].upper()}{text[1:]} (default: {note}).", show_default=False)
+
+
+_EvalCfg = config_mod.EvaluateConfig  # weat attack's section, for cfg_option
+
+
 @app.command()
 def attack(
     ckpt: Annotated[Optional[Path], typer.Argument(
         metavar="CKPT", help="Checkpoint (model.safetensors); default: the newest runs/*/model.safetensors.")] = None,
-    attack_: Annotated[Optional[list[str]], typer.Option(
-        "--attack", "-a", help="pgd, cw, autoattack (standard: apgd-ce, apgd-t, fab-t, square) or one part: apgd-ce, "
-        "apgd-dlr, apgd-t, fab, fab-t, square. Repeat to run several on the same images (default pgd).")] = None,
-    eps: Annotated[Optional[str], typer.Option(help="Threat radius; fractions allowed: 8/255 (default: the checkpoint's).")] = None,
-    norm: Annotated[Optional[str], typer.Option(help="linf or l2 (default: the checkpoint's).")] = None,
-    steps: Annotated[int, typer.Option(help="PGD / CW steps.")] = 20,
-    step_size: Annotated[Optional[str], typer.Option(
-        help="PGD / CW step (default: the checkpoint's training ratio, 2/255 per 8/255).")] = None,
-    restarts: Annotated[int, typer.Option(help="PGD / CW random restarts (the worst case per image is kept).")] = 1,
-    targeted: Annotated[bool, typer.Option("--targeted", help="Targeted PGD / CW (AutoAttack parts pick their own targets).")] = False,
-    target_class: Annotated[Optional[str], typer.Option(
-        help="Target of --targeted: a class index, random (a wrong class per image) or least-likely; implies --targeted.")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Attack the first N images (default 10000 or the whole split).")] = None,
-    split: Annotated[str, typer.Option(help="test or train.")] = "test",
-    batch_size: Annotated[int, typer.Option(help="Images per batch (AutoAttack too).")] = 500,
+    attack_: Annotated[Optional[list[str]], cfg_option(_EvalCfg, "attacks", "--attack", "-a")] = None,
+    eps: Annotated[Optional[str], _threat_option("eps")] = None,
+    norm: Annotated[Optional[str], _threat_option("norm")] = None,
+    steps: Annotated[Optional[int], cfg_option(_EvalCfg, "steps", "--steps")] = None,
+    step_size: Annotated[Optional[str], _threat_option("step_size")] = None,
+    restarts: Annotated[Optional[int], cfg_option(_EvalCfg, "restarts", "--restarts")] = None,
+    targeted: Annotated[Optional[bool], cfg_option(_EvalCfg, "targeted", "--targeted/--no-targeted")] = None,
+    target_class: Annotated[Optional[str], cfg_option(_EvalCfg, "target_class", "--target-class")] = None,
+    n: Annotated[Optional[int], cfg_option(_EvalCfg, "n", "--n")] = None,
+    split: Annotated[Optional[str], cfg_option(_EvalCfg, "split", "--split")] = None,
+    batch_size: Annotated[Optional[int], cfg_option(_EvalCfg, "batch_size", "--batch-size")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the checkpoint's); must fit the model.")] = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed (PGD starts, random targets, AutoAttack).")] = 0,
+    device: Annotated[Optional[str], cfg_option(_EvalCfg, "device", "--device")] = None,
+    seed: Annotated[Optional[int], cfg_option(_EvalCfg, "seed", "--seed")] = None,
     save_adv: Annotated[Optional[Path], typer.Option(
         help="Write the images, adversarial images and per-image energies to this .safetensors file.")] = None,
     state: Annotated[Optional[Path], typer.Option(
         help="Save progress to this file and resume from it when it exists (same options).")] = None,
     devices: DevicesOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Robust accuracy under PGD, CW and AutoAttack, with the energies of adversarial points.
@@ -306,18 +336,23 @@ def attack(
     """
 
     def body() -> None:
-        from .evaluate import evaluate_checkpoint
+        from . import checkpoint as ckpt_mod
+        from .attack_checkpoint import evaluate_checkpoint, resolve_config
 
-        eps_value, step_value = _fraction_opt("--eps", eps), _fraction_opt("--step-size", step_size)
         path = _checkpoint_or_newest(ckpt)
-        _launch_if_asked(devices, device)
+        overrides = {
+            "evaluate.attacks": attack_, "attack.eps": eps, "attack.norm": norm, "evaluate.steps": steps,
+            "attack.step_size": step_size, "evaluate.restarts": restarts, "evaluate.target_class": target_class,
+            "evaluate.targeted": True if target_class is not None else targeted,  # a target class implies --targeted
+            "evaluate.n": n, "evaluate.split": split, "evaluate.batch_size": batch_size, "data.dataset": dataset,
+            "data.data_dir": data_dir, "data.download": download or None, "evaluate.device": device,
+            "evaluate.seed": seed,
+        }
+        cfg = _resolve(resolve_config, overrides, flag_names={"evaluate.attacks": "--attack"},
+                       stored=ckpt_mod.stored_config(path), preset=preset, sets=set_)
+        _launch_if_asked(devices, cfg.evaluate.device)
         with _ranks_done(), (ui.AttackDisplay() if _main_rank() else nullcontext()) as display:
-            result = evaluate_checkpoint(
-                checkpoint=path, attacks=attack_ or ["pgd"], eps=eps_value, norm=norm, steps=steps,
-                step_size=step_value, restarts=restarts, targeted=targeted, target_class=target_class, n=n,
-                split=split, batch_size=batch_size, dataset=dataset, data_dir=data_dir, download=download,
-                device=device, seed=seed, save_adv=save_adv, state_path=state, on_event=display,
-            )
+            result = evaluate_checkpoint(path, cfg, save_adv=save_adv, state_path=state, on_event=display)
         if not _main_rank():
             return
         if save_adv is not None:
@@ -420,7 +455,7 @@ def _checkpoint_or_newest(ckpt: Optional[Path]) -> Path:
     """CKPT, else the newest runs/*/model.safetensors (named on stderr), else bad input."""
     if ckpt is not None:
         return ckpt
-    from .evaluate import newest_checkpoint
+    from .checkpoint import newest_checkpoint
 
     path = newest_checkpoint()
     if path is None:
@@ -449,8 +484,11 @@ def sample(
     alpha: Annotated[Optional[float], cfg_option(_SAMPLE, "alpha")] = None,
     pca_variance: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_variance")] = None,
     pca_sigma: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_sigma")] = None,
+    pca_scale: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_scale")] = None,
+    local_neighbours: Annotated[Optional[int], cfg_option(_SAMPLE, "local_neighbours")] = None,
     init_noise: Annotated[Optional[float], cfg_option(_SAMPLE, "init_noise")] = None,
     adaptive: Annotated[Optional[float], cfg_option(_SAMPLE, "adaptive")] = None,
+    adaptive_rule: Annotated[Optional[str], cfg_option(_SAMPLE, "adaptive_rule")] = None,
     batch_size: Annotated[Optional[int], cfg_option(_SAMPLE, "batch_size")] = None,
     seed: Annotated[Optional[int], cfg_option(_SAMPLE, "seed")] = None,
     device: Annotated[Optional[str], cfg_option(_SAMPLE, "device")] = None,
@@ -478,7 +516,9 @@ def sample(
             "sample.steps": sgld_steps, "sample.n_per_class": n_per_class, "sample.n": n, "sample.classes": classes,
             "sample.init": init, "sample.step_size": step_size, "sample.momentum": momentum, "sample.noise": noise,
             "sample.alpha": alpha, "sample.pca_variance": pca_variance, "sample.pca_sigma": pca_sigma,
-            "sample.init_noise": init_noise, "sample.adaptive": adaptive, "sample.batch_size": batch_size,
+            "sample.pca_scale": pca_scale, "sample.local_neighbours": local_neighbours,
+            "sample.init_noise": init_noise, "sample.adaptive": adaptive, "sample.adaptive_rule": adaptive_rule,
+            "sample.batch_size": batch_size,
             "sample.seed": seed, "sample.device": device, "data.data_dir": data_dir,
         }
         cfg = _resolve(config_mod.resolve_command, overrides, flag_names={"sample.steps": "--sgld-steps"},
@@ -509,6 +549,7 @@ def score(
     metrics: Annotated[Optional[str], cfg_option(_SCORE, "metrics")] = None,
     n: Annotated[Optional[int], cfg_option(_SCORE, "n", "--n")] = None,
     features: Annotated[Optional[str], cfg_option(_SCORE, "features")] = None,
+    judge: Annotated[Optional[str], cfg_option(_SCORE, "judge")] = None,
     inception_weights: Annotated[Optional[Path], cfg_option(_SCORE, "inception_weights")] = None,
     download: Annotated[bool, typer.Option(
         "--download", help="Allow downloading the Inception weights or a missing reference dataset.")] = False,
@@ -529,7 +570,7 @@ def score(
         from .scoring import score_samples
 
         overrides = {
-            "score.ref": ref, "score.metrics": metrics, "score.n": n, "score.features": features,
+            "score.ref": ref, "score.metrics": metrics, "score.n": n, "score.features": features, "score.judge": judge,
             "score.inception_weights": None if inception_weights is None else str(inception_weights),
             "score.batch_size": batch_size, "score.device": device, "score.seed": seed,
             "data.data_dir": data_dir, "data.download": download or None,

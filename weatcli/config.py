@@ -29,6 +29,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits-weat"
 
+# Methods that adversarial weight perturbation supports (awp.SUPPORTED_METHODS; this module imports no torch).
+AWP_METHODS = ("pgd-at", "trades", "mail-trades", "weat-adv", "weat-nat")
+
 # Canonical training methods (losses.py holds the implementations under the same names) and the
 # aliases users type: `weat` is the paper's method, `sat` is what the paper calls PGD-AT, `fgsm` and
 # `rs-fgsm` are FGSM with a random start (Wong et al. 2020), `nfgsm` is N-FGSM (de Jorge et al. 2022).
@@ -89,8 +92,11 @@ Method = Annotated[Literal[METHODS], BeforeValidator(_canonical_method)]  # type
 DEVICE_FIELD_HELP = "auto, cpu, cuda or cuda:N"
 # `weat attack` names: our engine's PGD and CW, and the official AutoAttack (standard) or one of its parts.
 EVAL_ATTACKS = ("pgd", "cw", "autoattack", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-SAMPLE_INITS = ("uniform", "informative", "pca", "noise")
-SCORE_METRICS = ("fid", "is", "kid")
+EVAL_TARGETED_ATTACKS = ("pgd", "cw")  # what --targeted applies to; AutoAttack's parts pick their own targets
+SAMPLE_INITS = ("uniform", "informative", "pca", "pca-scaled", "local-pca", "noise")
+SCORE_METRICS = ("fid", "is", "kid", "prdc", "diversity", "judge")
+SCORE_DEFAULT_METRICS = ("fid", "is", "kid", "prdc")  # plus diversity for labelled samples, judge with --judge
+ADAPTIVE_RULES = ("below", "squared")  # inits.stop_reached
 
 
 def _check_device(v: str) -> str:
@@ -112,6 +118,11 @@ class DataConfig(_Section):
     download: bool = Field(False, description="allow torchvision's downloaders to fetch a missing dataset")
     crop_padding: int = Field(4, ge=0, le=64, description="zero padding (pixels) of the random crop; 0 disables")
     flip: bool = Field(True, description="random horizontal flip (turn off for digits: mirrored digits are other glyphs)")
+    # Generated training data (docs/science.md#extra-data), read by weatcli/extra_data.py.
+    extra_data: str | None = Field(None, description="generated training images: an uncompressed np.savez .npz with "
+                                   "image (N, H, W, C) uint8 and label (N,), memory-mapped (e.g. the DM-AT 1M EDM file)")
+    extra_fraction: float = Field(0.0, ge=0, lt=1, description="share F of every batch drawn from --extra-data; with it "
+                                  "an epoch is a fixed ceil(N_real / (B - round(F * B))) steps (every real image once)")
 
 
 class ModelConfig(_Section):
@@ -174,6 +185,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
     schedule: Literal["onecycle", "cosine", "multistep", "constant"] = "onecycle"
+    warmup_epochs: int = Field(0, ge=0, description="cosine only: epochs of linear learning-rate warm-up to train.lr "
+                               "before the cosine decay (DM-AT warms up for 2.5% of training)")
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction of steps spent warming up")
     milestones: list[float] = Field([0.5, 0.75], description="multistep: fractions of training where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
@@ -194,6 +207,19 @@ class TrainConfig(_Section):
                               "||(dE(x_i), dE(x_i,y_i))||_2 - der_margin) to the loss (our reading of the journal)")
     der_margin: float = Field(0.0, ge=0, description="DER gamma, energy units: delta-energy norms up to it are "
                               "not penalised (0: every gap is)")
+    # The RobustBench leaders' recipe (docs/science.md#beyond-the-paper); every one off by default.
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of every cross-entropy term of the "
+                                   "training loss (not of KL terms, not of attacks); DM-AT uses 0.1")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="keep an exponential moving average of the weights "
+                                    "with this decay (DM-AT: 0.995): evaluation, selection and model.safetensors use "
+                                    "it; unset or 0: off")
+    ema_warmup: float = Field(0.025, ge=0, le=1, description="EMA: fraction of all training steps during which the "
+                              "average just copies the weights")
+    awp_gamma: float = Field(0.0, ge=0, le=1, description="adversarial weight perturbation of relative size gamma "
+                             "(the AWP authors use 5e-3; 0: off); pgd-at, trades, mail-trades, weat-adv, weat-nat")
+    awp_warmup: int = Field(0, ge=0, description="AWP: epochs trained without it first")
+    tensorboard: str | None = Field(None, description="also write every metrics.jsonl scalar, per epoch, as "
+                                    "TensorBoard events in this directory (pip install 'weat[tensorboard]')")
     seed: int = Field(0, ge=0)
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -242,6 +268,18 @@ class TrainConfig(_Section):
             return None
         return FGSM_ALPHA_DEFAULT[self.method] if self.fgsm_alpha is None else self.fgsm_alpha
 
+    @model_validator(mode="after")
+    def _recipe_fits(self) -> TrainConfig:
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} applies to the cosine schedule only; "
+                             f"train.schedule is {self.schedule}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} must be less than train.epochs {self.epochs}")
+        if self.awp_gamma > 0 and self.method not in AWP_METHODS:
+            raise ValueError(f"train.awp_gamma {self.awp_gamma:g} (AWP) is not implemented for train.method "
+                             f"{self.method}; expected one of {', '.join(AWP_METHODS)}")
+        return self
+
 
 # ----------------------------------------------------------------------------- command sections
 # Each command other than train reads its own section below (plus data/model/attack from the
@@ -252,18 +290,66 @@ class EvaluateConfig(_Section):
     """`weat attack`: which attacks, how strong, on which images. The threat (eps, norm, step size)
     is the [attack] section, taken from the checkpoint unless overridden."""
 
-    attacks: list[str] = Field(["pgd"], description="pgd, cw, autoattack (standard: apgd-ce, apgd-t, fab-t, square) "
-                               "or one part: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square; several run on the same images")
+    attacks: list[str] = Field(["pgd"], description="attacks, run on the same images: pgd, cw, autoattack (standard: "
+                               "apgd-ce, apgd-t, fab-t, square) or one part: apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
+                               "square; repeatable")
     steps: int = Field(20, ge=0, le=100_000, description="PGD / CW steps")
     restarts: int = Field(1, ge=1, le=1000, description="PGD / CW random restarts (the worst case per image is kept)")
     targeted: bool = Field(False, description="targeted PGD / CW (AutoAttack parts pick their own targets)")
     target_class: str = Field("random", description="target of a targeted attack: a class index, random (a wrong "
-                              "class per image) or least-likely")
+                              "class per image) or least-likely; giving it as a flag implies targeted")
     n: int | None = Field(None, ge=1, description="attack the first N images (default 10000, or the whole split)")
-    split: Literal["test", "train"] = Field("test", description="test or train")
+    split: Literal["test", "train"] = Field("test", description="the split the images come from: test or train")
     batch_size: int = Field(500, ge=1, description="images per batch (AutoAttack too)")
     seed: int = Field(0, ge=0, description="random seed (PGD starts, random targets, AutoAttack)")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _known_attacks(cls, v: Any) -> Any:
+        # Lower-cased and de-duplicated (order kept): `-a PGD -a pgd` runs pgd once.
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            return v  # the list type reports it
+        out: list[str] = []
+        for raw in v:
+            name = str(raw).strip().lower()
+            if name not in EVAL_ATTACKS:
+                raise ValueError(f"unknown {raw!r}; expected one of {', '.join(EVAL_ATTACKS)}")
+            if name not in out:
+                out.append(name)
+        if not out:
+            raise ValueError(f"no attack given; expected one or more of {', '.join(EVAL_ATTACKS)}")
+        return out
+
+    @field_validator("targeted")
+    @classmethod
+    def _targeted_needs_pgd_or_cw(cls, v: bool, info: Any) -> bool:  # info: pydantic ValidationInfo
+        attacks = info.data.get("attacks")
+        if v and attacks is not None and not any(a in EVAL_TARGETED_ATTACKS for a in attacks):
+            raise ValueError(f"applies to {' and '.join(EVAL_TARGETED_ATTACKS)}; the AutoAttack parts choose their "
+                             "own targets (apgd-t, fab-t)")
+        return v
+
+    @field_validator("target_class", mode="before")
+    @classmethod
+    def _target_mode_or_index(cls, v: Any) -> Any:
+        # A class index (int or its text), random or least-likely; the index is checked against the
+        # model's classes once the model is loaded.
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            return v  # the str type reports it
+        text = v.strip().lower().replace("_", "-")
+        if text in ("random", "least-likely") or (text.isdigit() and text.isascii()):
+            return str(int(text)) if text.isdigit() else text
+        raise ValueError(f"expected a class index, 'random' or 'least-likely', got {v!r}")
+
+    @property
+    def target(self) -> int | str:
+        """target_class as the attacks take it: a class index (int) or a mode name."""
+        return int(self.target_class) if self.target_class.isdigit() else self.target_class
 
 
 LENS_DEFAULT_N = 1000  # lens.n unset: the first min(1000, split size) test images
@@ -349,20 +435,31 @@ class SampleConfig(_Section):
     classes: str | None = Field(None, description="wanted classes, e.g. 0,3,7 (default all)")
     init: Annotated[Literal[SAMPLE_INITS], BeforeValidator(_sample_init)] = Field(  # type: ignore[valid-type]
         "informative", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
-        "1e-4 I)), pca (the paper's class-wise PCA) or noise (a training image plus Gaussian noise)")
+        "1e-4 I)), pca (the paper's class-wise PCA), pca-scaled (class-wise PCA at the data's own spread), local-pca "
+        "(the journal's PCA of an anchor image's same-class neighbours) or noise (a training image plus Gaussian noise)")
     step_size: Frac = Field(0.1, gt=0, description="the SGLD step eta; fractions allowed")
     momentum: float = Field(0.0, ge=0, lt=1, description="the momentum zeta; 0 is plain SGLD (the paper also uses 0.8)")
     noise: float = Field(0.001, ge=0, allow_inf_nan=False, description="the std sigma of the SGLD noise")
     alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
                                 description="scale of the noise term (default sqrt(2 * eta))")
     pca_variance: float = Field(0.9, gt=0, le=PCA_VARIANCE_MAX,
-                                description="PCA init: fraction r of each class's variance kept")
+                                description="fraction r of the variance kept by the pca and pca-scaled (a class's) "
+                                "and local-pca (a neighbourhood's) inits")
     pca_sigma: float = Field(0.005, ge=0, allow_inf_nan=False,
-                             description="PCA init: sigma_pca, scale of the singular values")
+                             description="sigma_pca of the pca init, the scale of the singular values (the "
+                             "paper's 0.005 leaves digits chains at the class mean)")
+    pca_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="std along each kept component in the pca-scaled and local-pca inits, "
+                             "as a multiple of the data's own (1: the data's spread)")
+    local_neighbours: int = Field(50, ge=2, le=1_000_000,
+                                  description="same-class training images around the anchor in the local-pca init")
     init_noise: float = Field(0.1, ge=0, allow_inf_nan=False,
                               description="noise init: std of the noise added to the real image")
-    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) is within "
-                                   "this many energy units of its class's mean E(x,y) on the training data (or below it)")
+    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) has reached "
+                                   "its class's mean E(x,y) on the training data, by adaptive_rule with this threshold")
+    adaptive_rule: Literal[ADAPTIVE_RULES] = Field(  # type: ignore[valid-type]
+        "below", description="adaptive stopping rule: below, E <= m_y + T (weat's, T in energy units); or squared, (E - m_y)^2 < T (the "
+        "authors', T > 0 in squared units)")
     batch_size: int = Field(500, ge=1, description="samples per SGLD batch")
     seed: int = Field(0, ge=0, description="random seed (starting points and SGLD noise)")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
@@ -372,6 +469,9 @@ class SampleConfig(_Section):
         if self.n is not None and self.n_per_class is not None:
             # The CLI turns " sample.n " into " --n (sample.n) " when the flag set it.
             raise ValueError("sample.n and sample.n_per_class are both set; expected one of them")
+        if self.adaptive_rule == "squared" and self.adaptive is not None and self.adaptive <= 0:
+            raise ValueError(f"sample.adaptive {self.adaptive:g} with sample.adaptive_rule squared never stops; "
+                             "expected a threshold > 0 (squared energy units)")
         return self
 
 
@@ -381,16 +481,49 @@ class ScoreConfig(_Section):
 
     ref: str | None = Field(None, description="reference set: DATASET[:split] (default: the training split of the "
                             "samples' dataset), a folder of images or a .safetensors / .npz file")
-    metrics: Annotated[list[Literal[SCORE_METRICS]], BeforeValidator(_metric_list)] = Field(  # type: ignore[valid-type]
-        ["fid", "is", "kid"], description="comma list of fid, is, kid")
+    metrics: Annotated[list[Literal[SCORE_METRICS]] | None, BeforeValidator(_metric_list)] = Field(  # type: ignore[valid-type]
+        None, description=f"comma list of {', '.join(SCORE_METRICS)} (default {','.join(SCORE_DEFAULT_METRICS)}, plus "
+        "diversity when the samples carry their classes and judge with --judge)")
     n: int | None = Field(None, ge=1, description="score a fixed random subset of N samples (default all)")
     features: str = Field("inception", description="inception (clean-fid's Inception-v3, clean mode) or a weat "
-                          "checkpoint: its penultimate features and softmax (not comparable with Inception numbers)")
+                          "checkpoint: its penultimate features and softmax (not comparable with Inception numbers); "
+                          "FID, KID, IS, prdc and diversity are all computed in this space")
+    judge: str | None = Field(None, description="a weat checkpoint other than the one sampled from: the share of "
+                              "samples it classifies as their wanted class (adds the judge metric)")
+    prdc_k: int = Field(5, ge=1, le=1000, description="precision/recall/density/coverage: the k of the k-NN balls")
+    prdc_max: int = Field(10_000, ge=2, le=10_000_000, description="precision/recall/density/coverage: at most this "
+                          "many samples and reference images (a seeded random subset of each)")
+    diversity_max_per_class: int = Field(2000, ge=2, le=10_000_000, description="diversity: at most this many "
+                                         "samples and reference images per class (a seeded random subset)")
     inception_weights: str | None = Field(None, description="local inception-2015-12-05.pt (default "
                                           "$WEAT_INCEPTION_WEIGHTS); nothing is downloaded then")
     batch_size: int = Field(100, ge=1, description="images per feature batch")
-    seed: int = Field(0, ge=0, description="seed of the n subset, the IS split shuffle and the KID subsets")
+    seed: int = Field(0, ge=0, description="seed of the n subset, the IS split shuffle, the KID subsets and the "
+                      "prdc / diversity subsets")
     device: Device = Field("auto", description=DEVICE_FIELD_HELP)
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> ScoreConfig:
+        if self.metrics is not None and "judge" in self.metrics and self.judge is None:
+            raise ValueError("score.metrics: judge needs score.judge; expected --judge CKPT (a classifier other than "
+                             "the one sampled from)")
+        if self.prdc_max <= self.prdc_k:
+            raise ValueError(f"score.prdc_max {self.prdc_max} must exceed score.prdc_k {self.prdc_k}: a k-NN ball "
+                             "needs k other points")
+        return self
+
+    def metrics_for(self, labelled: bool, n: int | None = None) -> list[str]:
+        """The metrics to compute: the given list (plus judge when a judge is named), else the default
+        list (without prdc for n <= prdc_k samples), plus diversity when the samples carry their
+        classes, plus judge with a judge."""
+        if self.metrics is not None:
+            names = list(self.metrics)
+        else:
+            names = [m for m in SCORE_DEFAULT_METRICS if m != "prdc" or n is None or n > self.prdc_k]
+            names += ["diversity"] if labelled else []
+        if self.judge is not None and "judge" not in names:
+            names.append("judge")
+        return names
 
 
 class RunConfig(_Section):

@@ -168,7 +168,7 @@ class StepDisplay(ProgressDisplay):
         elif kind == "step" and self.task is not None:
             self.progress.update(self.task, completed=p["done"])  # image-steps so far
         elif kind == "stage":
-            self._bar(f"features: {p['name']}", p["total"])
+            self._bar("judge" if p["name"] == "judge" else f"features: {p['name']}", p["total"])
         elif kind == "progress" and self.task is not None:
             self.progress.update(self.task, completed=p["done"])
 
@@ -185,17 +185,17 @@ def attack_table(result: Any) -> Any:
                         f"{result.norm} eps={result.eps:.6g}", title_justify="left")
     for col in ("attack", "accuracy", "E(x*) mean ± std", "dE(x)", "E(x*,y) mean", "dE(x,y)", "seconds"):
         table.add_column(col, justify="left" if col == "attack" else "right")
-    e = next(iter(result.attacks.values())).energy
-    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["natural_mean"], e["natural_std"]), "",
-                  f"{e['joint_natural_mean']:.3f}", "", "")
+    e = next(iter(result.attacks.values())).energy  # energy.summarize: quantity -> {mean, std, ...}
+    table.add_row("clean", f"{result.clean_accuracy:.2%}", pm(e["energy_natural"]["mean"], e["energy_natural"]["std"]),
+                  "", f"{e['joint_natural']['mean']:.3f}", "", "")
     for name, r in result.attacks.items():
         e = r.energy
         label = name
         if r.target_success_rate is not None:
             label += f" (targeted {r.settings['target_class']}, success {r.target_success_rate:.2%})"
-        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["adversarial_mean"], e["adversarial_std"]),
-                      f"{e['delta_mean']:+.3f}", f"{e['joint_adversarial_mean']:.3f}", f"{e['joint_delta_mean']:+.3f}",
-                      f"{r.seconds:.1f}")
+        table.add_row(label, f"{r.robust_accuracy:.2%}", pm(e["energy_adversarial"]["mean"], e["energy_adversarial"]["std"]),
+                      f"{e['delta_energy']['mean']:+.3f}", f"{e['joint_adversarial']['mean']:.3f}",
+                      f"{e['delta_joint']['mean']:+.3f}", f"{r.seconds:.1f}")
     if len(result.attacks) > 1:
         table.add_row("worst case", f"{result.worst_case_accuracy:.2%}", "", "", "", "", "")
     return table
@@ -203,20 +203,41 @@ def attack_table(result: Any) -> Any:
 
 
 def score_table(result: Any) -> Any:
+    """`weat score`: quality (left) and variety (right) side by side, each metric that was computed.
+
+    Quality: FID, KID and IS (which fold in variety too), precision and density (fidelity), the
+    judge's recognition; variety: recall, coverage, the diversity ratio (with its range over classes)."""
     from rich.table import Table
 
-    table = Table(title_justify="left")
-    table.add_column("metric", justify="left")
-    table.add_column("value", justify="right")
     m = result.metrics
-    if m["fid"] is not None:
-        table.add_row("FID", f"{m['fid']:.3f}")
-    if m["kid"] is not None:
-        table.add_row("KID", f"{m['kid']:.5f}")
-    if m["is_mean"] is not None:
-        table.add_row("IS (mean ± std, 10 splits)", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}")
+    got = lambda key: m.get(key) is not None  # noqa: E731
+    quality, variety = [], []
+    if got("fid"):
+        quality.append(("FID", f"{m['fid']:.3f}"))
+    if got("kid"):
+        quality.append(("KID", f"{m['kid']:.5f}"))
+    if got("is_mean"):
+        quality.append(("IS (10 splits)", f"{m['is_mean']:.3f} ± {m['is_std']:.3f}"))
+    if got("precision"):
+        quality.append(("precision", f"{m['precision']:.3f}"))
+        quality.append(("density", f"{m['density']:.3f}"))
+        variety.append(("recall", f"{m['recall']:.3f}"))
+        variety.append(("coverage", f"{m['coverage']:.3f}"))
+    if got("judge_accuracy"):
+        quality.append(("judge recognises", f"{m['judge_accuracy']:.1%}"))
+    if got("diversity"):
+        variety.append(("diversity (1 = data's)", f"{m['diversity']:.3f}"))
+        per = [v for v in (m.get("diversity_per_class") or {}).values() if v is not None]
+        if per:
+            variety.append(("  per class", f"{min(per):.2f} .. {max(per):.2f}"))
+    table = Table(title_justify="left")
+    for col in ("quality", "value", "variety", "value"):
+        table.add_column(col, justify="left" if col != "value" else "right")
+    for i in range(max(len(quality), len(variety))):
+        q = quality[i] if i < len(quality) else ("", "")
+        v = variety[i] if i < len(variety) else ("", "")
+        table.add_row(*q, *v)
     return table
-
 
 
 def stats_table(stats: dict[str, Any]) -> Any:

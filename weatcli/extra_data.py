@@ -14,17 +14,18 @@ millions of images from a generative model, stored as one .npz with `image` (N, 
 * `ExtraStream` gives, for step s of epoch e, the extra part of that step's batch: round(F * B)
   images (B the global batch) as uint8 (k, C, H, W) and int64 labels on the training device.
 
-The epoch (as in the DM-AT code's semi-supervised sampler, wzekai99/DM-Improves-AT
-core/data/semisup.py, where an epoch is ceil(len(real) / real-per-batch) batches) is a fixed number
-of steps, `steps_per_epoch = ceil(num_real / (B - round(F * B)))`, so that every real image is seen
-once per epoch; each step holds B - round(F * B) real images and round(F * B) extra ones. (That
+The epoch is a fixed number of steps, `steps_per_epoch = ceil(num_real / (B - round(F * B)))`, so
+that every real image is seen once per epoch; each step holds B - round(F * B) real images and
+round(F * B) extra ones. (The DM-AT code's semi-supervised sampler, wzekai99/DM-Improves-AT
+core/data/semisup.py, is given num_batches = ceil(50000 / B) by get_semisup_dataloaders, so its
+epoch is shorter: it sees (B - int(F * B)) / B of the real images; docs/science.md#extra-data. That
 sampler takes int(F * B) extra images and draws them with replacement; here the count is rounded
-and, within an epoch, no extra image repeats while the file has enough: the epoch's
-steps_per_epoch * round(F * B) indices are drawn without replacement from a generator seeded by
-(seed, EXTRA_STREAM, epoch); when the file is smaller than that, successive independent
-permutations are concatenated.) Step s takes positions [s * k, (s + 1) * k) of the epoch's draw,
-sorted ascending for locality in the file. Everything is a function of (seed, epoch, step), so a
-resumed run reads exactly what an uninterrupted one reads: the step index is the whole position.
+and, within an epoch, no extra image repeats while the file has enough: the epoch's steps_per_epoch
+* round(F * B) indices are drawn without replacement from a generator seeded by (seed, EXTRA_STREAM,
+epoch); when the file is smaller than that, successive independent permutations are concatenated.)
+Step s takes positions [s * k, (s + 1) * k) of the epoch's draw, sorted ascending for locality in
+the file. Everything is a function of (seed, epoch, step), so a resumed run reads exactly what an
+uninterrupted one reads: the step index is the whole position.
 
 Where the images go: when the whole array fits `resident_budget` bytes (default a quarter of the
 free GPU memory on CUDA, 1 GiB on the CPU) it is copied once, in chunks, onto the device as uint8

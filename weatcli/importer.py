@@ -301,6 +301,47 @@ def default_out(source: Path) -> Path:
 # ----------------------------------------------------------------------------- the engine
 
 
+def _arch_key(arch: str | None, robustbench: str | None, *, threat: str | None, download: bool,
+              mean: Any, std: Any) -> str:
+    """The checkpoint's arch: a weat arch (--arch) or `robustbench:NAME` (--robustbench); the
+    options that go only with one of them are bad input with the other."""
+    from . import zoo as zoo_mod
+    from .models import ARCHS
+
+    if robustbench is not None and arch is not None:
+        raise WeatInputError("--arch/--robustbench: give one (--robustbench NAME builds the zoo entry's own architecture)")
+    if robustbench is not None:
+        if mean is not None or std is not None:
+            raise WeatInputError("--mean/--std: not with --robustbench (a zoo model carries its own normalisation)")
+        return zoo_mod.ZOO_PREFIX + robustbench
+    if arch is None:
+        raise WeatInputError(f"--arch: required (one of {', '.join(ARCHS)}), or --robustbench NAME for a RobustBench zoo entry")
+    for flag, given in (("--threat", threat is not None), ("--download", download)):
+        if given:
+            raise WeatInputError(f"{flag}: only with --robustbench NAME")
+    key = arch.strip().lower()
+    if key not in ARCHS:
+        raise WeatInputError(f"--arch: unknown {arch!r}; expected one of {', '.join(ARCHS)}")
+    return key
+
+
+def _check_forward(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, source: Path,
+                   shape: tuple[int, int, int], num_classes: int) -> None:
+    """One forward pass on a (2, C, S, S) random [0,1] batch must give finite (2, K) logits."""
+    with torch.no_grad():
+        x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+        logits = model(x)
+    size = "x".join(map(str, shape))
+    if not isinstance(logits, torch.Tensor) or logits.shape != (2, num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise WeatInputError(f"FILE: {source}: the model gives logits of shape {got} on a "
+                             f"{size} batch; expected (2, {num_classes})")
+    if not torch.isfinite(logits).all():
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        where = f" (tensor {bad!r} has NaN/inf values)" if bad else ""
+        raise WeatInputError(f"FILE: {source}: the imported model gives non-finite logits on a random batch{where}")
+
+
 def import_checkpoint(
     source: Path | str,
     *,
@@ -323,25 +364,11 @@ def import_checkpoint(
     from . import config as config_mod
     from . import zoo as zoo_mod
     from .fileio import check_writable, file_digest
-    from .models import ARCHS, NORMALIZES_INSIDE, build, dm_default_normalization, unwrap
+    from .models import NORMALIZES_INSIDE, build, dm_default_normalization, unwrap
 
     source = Path(source)
-    if robustbench is not None and arch is not None:
-        raise WeatInputError("--arch/--robustbench: give one (--robustbench NAME builds the zoo entry's own architecture)")
-    if robustbench is None:
-        if arch is None:
-            raise WeatInputError(f"--arch: required (one of {', '.join(ARCHS)}), or --robustbench NAME for a RobustBench zoo entry")
-        for flag, given in (("--threat", threat is not None), ("--download", download)):
-            if given:
-                raise WeatInputError(f"{flag}: only with --robustbench NAME")
-        arch_key = arch.strip().lower()
-        if arch_key not in ARCHS:
-            raise WeatInputError(f"--arch: unknown {arch!r}; expected one of {', '.join(ARCHS)}")
-    else:
-        robustbench = robustbench.strip()
-        if mean is not None or std is not None:
-            raise WeatInputError("--mean/--std: not with --robustbench (a zoo model carries its own normalisation)")
-        arch_key = zoo_mod.ZOO_PREFIX + robustbench
+    robustbench = robustbench.strip() if robustbench is not None else None
+    arch_key = _arch_key(arch, robustbench, threat=threat, download=download, mean=mean, std=std)
     dataset = dataset.strip()
     if dataset.startswith("npz:"):  # stored absolute, as data.load names it, so later commands find it
         dataset = f"npz:{Path(dataset[4:]).expanduser().resolve()}"
@@ -428,17 +455,7 @@ def import_checkpoint(
     net.load_state_dict(weights, strict=True)
     model.eval()
 
-    with torch.no_grad():  # (2, C, S, S) random [0,1] images -> (2, K) logits
-        x = torch.rand(2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        logits = model(x)
-    if not isinstance(logits, torch.Tensor) or logits.shape != (2, num_classes):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise WeatInputError(f"FILE: {source}: the model gives logits of shape {shape} on a "
-                             f"{in_channels}x{image_size}x{image_size} batch; expected (2, {num_classes})")
-    if not torch.isfinite(logits).all():
-        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        where = f" (tensor {bad!r} has NaN/inf values)" if bad else ""
-        raise WeatInputError(f"FILE: {source}: the imported model gives non-finite logits on a random batch{where}")
+    _check_forward(model, weights, source=source, shape=(in_channels, image_size, image_size), num_classes=num_classes)
 
     digest = file_digest(source)
     meta = ckpt_mod.model_metadata(cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,

@@ -22,16 +22,20 @@ import math
 
 import torch
 
-from .sampling import DEFAULT_PCA_VARIANCE, ClassStats, pca_keep
+from .config import ADAPTIVE_RULES, SampleConfig
+from .sampling import ClassStats, pca_keep
 
-DEFAULT_PCA_SCALE = 1.0  # multiplies the class's own per-component std: 1 = the data's spread
+# The defaults are config.SampleConfig's (sample.pca_variance, sample.pca_scale, sample.local_neighbours).
+_DEFAULT = SampleConfig.model_fields
+DEFAULT_PCA_VARIANCE: float = _DEFAULT["pca_variance"].default
+DEFAULT_PCA_SCALE: float = _DEFAULT["pca_scale"].default  # multiplies the class's own per-component std: 1 = the data's spread
 # Local PCA neighbourhood size (ours: the journal gives none we could read). Enough points to
 # estimate a neighbourhood's leading directions (its covariance has rank <= neighbours - 1, and
 # estimates of the intrinsic dimension of MNIST- and CIFAR-like images are in the tens or below,
 # Pope et al. 2021), yet local: 1% of a CIFAR-10 class (5,000), about a third of a digits class (~145).
-DEFAULT_LOCAL_NEIGHBOURS = 50
+DEFAULT_LOCAL_NEIGHBOURS: int = _DEFAULT["local_neighbours"].default
 LOCAL_ANCHOR_BATCH = 256  # anchors per distance block: (256, n_c) distances, never n_c x n_c
-STOP_RULES = ("below", "squared")
+STOP_RULES = ADAPTIVE_RULES
 
 
 def init_pca_scaled(y: torch.Tensor, stats: ClassStats, *, variance: float = DEFAULT_PCA_VARIANCE,
@@ -154,8 +158,8 @@ def stop_reached(energy: torch.Tensor, class_mean: torch.Tensor, threshold: floa
     sample's class (sampling.class_energy_means()[y]). The caller stops a sample for good at the
     first step where the mask is true (sampling.sgld ORs it into its `done` mask).
 
-    - "below" (**ours**, what sampling.sgld does): E <= m_y + T, T in energy units; a sample that
-      has gone below the class mean stops too.
+    - "below" (**ours**, sampling.sgld's default, sample.adaptive_rule): E <= m_y + T, T in
+      energy units; a sample that has gone below the class mean stops too.
     - "squared" (the authors' rule as docs/science.md#adaptive-stopping records it):
       (E - m_y)^2 < T, T in squared energy units; two-sided, so a sample that overshoots below
       m_y - sqrt(T) keeps moving.

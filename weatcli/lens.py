@@ -65,13 +65,14 @@ def _split_name(name: str) -> tuple[str, bool]:
 def _evaluate(path: Path | str, cfg: RunConfig, bases: list[str], *, targeted: bool, on_event: EventFn | None) -> Any:
     """`weat attack`'s engine on the lens's images: the untargeted attacks, or the targeted ones
     towards a random wrong class per image (seeded)."""
-    from .evaluate import evaluate_checkpoint
+    from .attack_checkpoint import evaluate_checkpoint
+    from .config import EvaluateConfig
 
-    a, lens = cfg.attack, cfg.lens
-    return evaluate_checkpoint(checkpoint=path, attacks=bases, eps=a.eps, norm=a.norm, steps=lens.steps,
-                               step_size=a.step_size, targeted=targeted, target_class="random" if targeted else None,
-                               n=lens.n, default_n=LENS_DEFAULT_N, batch_size=lens.batch_size, dataset=cfg.data.dataset,
-                               data_dir=cfg.data.data_dir, device=lens.device, seed=lens.seed, on_event=on_event)
+    lens = cfg.lens
+    evaluate = EvaluateConfig(attacks=bases, steps=lens.steps, targeted=targeted, target_class="random", n=lens.n,
+                              batch_size=lens.batch_size, seed=lens.seed, device=lens.device)
+    return evaluate_checkpoint(path, cfg.model_copy(update={"evaluate": evaluate}), on_event=on_event,
+                               default_n=LENS_DEFAULT_N)
 
 
 def energy_lens(path: Path | str, cfg: RunConfig, on_event: EventFn | None = None) -> EnergyLens:

@@ -3,8 +3,10 @@
 x is a float batch in [0,1], y its labels; the model is in train mode on entry and on return.
 Each adversarial method first runs its own training attack (`method_attack`) in eval mode with
 frozen weights, computing the natural softmax once per batch (the reference implementations
-recompute it at every attack step). `stats` holds per-batch sums as 0-d tensors so the training
-loop can accumulate them without syncing with the host.
+recompute it at every attack step), unless the caller passes that attack's points as `x_adv`
+(the training loop does when AWP must perturb the weights between the attack and the loss).
+`stats` holds per-batch sums as 0-d tensors so the training loop can accumulate them without
+syncing with the host. Every cross-entropy term goes through `ce` (train.label_smoothing).
 
 Every adversarial method adds the Delta Energy Regulariser when `train.der_weight` > 0
 (docs/science.md#der, `der_per_example`); with der_weight 0 its loss is exactly the method's.
@@ -98,17 +100,29 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).sum()
 
 
-def standard_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def ce(logits: torch.Tensor, y: torch.Tensor, cfg: RunConfig, *, reduction: str = "mean") -> torch.Tensor:
+    """The cross-entropy of every training loss, in fp32, smoothed by train.label_smoothing s:
+    (1 - s) * CE(logits, y) + s * mean_k(-log p_k) (torch's label_smoothing; s = 0 is plain CE).
+    KL terms and the attacks' objectives never go through here."""
+    return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.train.label_smoothing)
+
+
+def _attacked(model, x, y, cfg: RunConfig, generator, x_adv):
+    """The method's training points: the caller's `x_adv` when given, else its attack now."""
+    return method_attack(model, x, y, cfg, generator=generator) if x_adv is None else x_adv
+
+
+def standard_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = ce(logits, y, cfg)
     return loss, {"correct": _correct(logits, y)}
 
 
-def _adversarial_ce(model, x, y, cfg: RunConfig, generator):
-    """CE on the method's own x*; natural logits only when DER needs them (one forward more)."""
-    x_adv = method_attack(model, x, y, cfg, generator=generator)
+def _adversarial_ce(model, x, y, cfg: RunConfig, generator, x_adv=None):
+    """CE on the method's own x* (or the given one); natural logits only when DER needs them."""
+    x_adv = _attacked(model, x, y, cfg, generator, x_adv)
     logits_adv = model(x_adv)
-    loss = F.cross_entropy(logits_adv.float(), y)
+    loss = ce(logits_adv, y, cfg)
     stats = {"adv_correct": _correct(logits_adv, y)}
     if cfg.train.der_weight == 0:
         return loss, stats
@@ -116,42 +130,43 @@ def _adversarial_ce(model, x, y, cfg: RunConfig, generator):
     return _with_der(loss, {**stats, "correct": _correct(logits_nat, y)}, logits_nat, logits_adv, y, cfg)
 
 
-def pgd_at_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def pgd_at_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """Madry et al. 2018: CE on PGD points."""
-    return _adversarial_ce(model, x, y, cfg, generator)
+    return _adversarial_ce(model, x, y, cfg, generator, x_adv)
 
 
-def fgsm_rs_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def fgsm_rs_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """Wong et al. 2020 ("fast is better than free"): CE on x* = P(x0 + alpha eps sign(grad CE(x0))),
     x0 = x + U(-eps, eps), P the projection onto the eps ball and [0,1]; alpha 1.25 by default."""
-    return _adversarial_ce(model, x, y, cfg, generator)
+    return _adversarial_ce(model, x, y, cfg, generator, x_adv)
 
 
-def n_fgsm_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def n_fgsm_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """de Jorge et al. 2022 (N-FGSM): CE on x* = clip01(x0 + alpha eps sign(grad CE(x0))),
     x0 = x + U(-k eps, k eps): no projection onto the eps ball; k 2 and alpha 1 by default."""
-    return _adversarial_ce(model, x, y, cfg, generator)
+    return _adversarial_ce(model, x, y, cfg, generator, x_adv)
 
 
-def _trades_terms(model, x, y, cfg, generator):
-    x_adv = method_attack(model, x, y, cfg, generator=generator)
+def _trades_terms(model, x, y, cfg, generator, x_adv=None):
+    x_adv = _attacked(model, x, y, cfg, generator, x_adv)
     logits_nat = model(x)
     logits_adv = model(x_adv)
     kl = kl_per_example(logits_adv, F.softmax(logits_nat.float(), dim=1))  # (B,)
     return logits_nat, logits_adv, kl
 
 
-def trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(.|x) || p(.|x*)), batch mean of the KL."""
-    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
-    loss = F.cross_entropy(logits_nat.float(), y) + cfg.train.beta * kl.mean()
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator, x_adv)
+    loss = ce(logits_nat, y, cfg) + cfg.train.beta * kl.mean()
     stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y)}
     return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
-def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
-    """Wang et al. 2020: boosted CE on x* + beta * KL weighted by (1 - p_y(x))."""
-    x_adv = method_attack(model, x, y, cfg, generator=generator)
+def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
+    """Wang et al. 2020: boosted CE on x* + beta * KL weighted by (1 - p_y(x)). Label smoothing
+    smooths the CE part of the boosted CE only (the margin term stays MART's)."""
+    x_adv = _attacked(model, x, y, cfg, generator, x_adv)
     logits_nat = model(x)
     logits_adv = model(x_adv)
     p_adv = F.softmax(logits_adv.float(), dim=1)
@@ -159,7 +174,7 @@ def mart_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 
     # The most likely wrong class under attack: its probability is pushed down (the "boost").
     top2 = p_adv.topk(2, dim=1).indices
     wrong = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])
-    boosted_ce = F.cross_entropy(logits_adv.float(), y, reduction="none") - torch.log(
+    boosted_ce = ce(logits_adv, y, cfg, reduction="none") - torch.log(
         1.0001 - p_adv.gather(1, wrong[:, None]).squeeze(1) + 1e-12
     )
     kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
@@ -186,38 +201,38 @@ def mail_weights(logits_adv: torch.Tensor, y: torch.Tensor, bias: float, slope: 
         return w / w.mean()
 
 
-def mail_trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def mail_trades_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """MAIL-TRADES: CE(f(x), y) + beta * mean_i w_i KL_i with MAIL's probabilistic-margin weights,
     after a burn-in of plain TRADES (w = 1) for the first `mail_burn_in` of training."""
-    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator, x_adv)
     t = cfg.train
     if progress < t.mail_burn_in:
         w = torch.ones_like(kl)
     else:
         w = mail_weights(logits_adv, y, t.mail_bias, t.mail_slope)
-    loss = F.cross_entropy(logits_nat.float(), y) + t.beta * (w * kl).mean()
+    loss = ce(logits_nat, y, cfg) + t.beta * (w * kl).mean()
     stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
     return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
-def _weat_loss(model, x, y, cfg: RunConfig, generator, *, ce_on_adversarial: bool):
-    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator)
+def _weat_loss(model, x, y, cfg: RunConfig, generator, *, ce_on_adversarial: bool, x_adv=None):
+    logits_nat, logits_adv, kl = _trades_terms(model, x, y, cfg, generator, x_adv)
     w = weat_weights(logits_nat)  # 1/softplus(|E(x)|) from natural logits, detached, not renormalised
     ce_logits = logits_adv if ce_on_adversarial else logits_nat
-    ce = F.cross_entropy(ce_logits.float(), y, reduction="none")
-    loss = (w * ce).mean() + cfg.train.beta * (w * kl).mean()
+    ce_i = ce(ce_logits, y, cfg, reduction="none")
+    loss = (w * ce_i).mean() + cfg.train.beta * (w * kl).mean()
     stats = {"correct": _correct(logits_nat, y), "adv_correct": _correct(logits_adv, y), "weight": w.sum()}
     return _with_der(loss, stats, logits_nat, logits_adv, y, cfg)
 
 
-def weat_adv_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def weat_adv_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """WEAT-adv (the paper's method): mean_i w_i CE(f(x*_i), y_i) + beta * mean_i w_i KL_i."""
-    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=True)
+    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=True, x_adv=x_adv)
 
 
-def weat_nat_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0):
+def weat_nat_loss(model, x, y, cfg: RunConfig, *, generator=None, progress: float = 0.0, x_adv=None):
     """WEAT-nat: mean_i w_i CE(f(x_i), y_i) + beta * mean_i w_i KL_i."""
-    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=False)
+    return _weat_loss(model, x, y, cfg, generator, ce_on_adversarial=False, x_adv=x_adv)
 
 
 LOSSES: dict[str, Loss] = {

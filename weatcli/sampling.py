@@ -5,9 +5,10 @@
 
 with E(x, y) = -f(x)_y, the model in eval mode with frozen weights. zeta = 0 is plain SGLD;
 alpha defaults to sqrt(2 * eta). Starting points (`INITS`): uniform U(0,1); informative
-N(mu_c, Sigma_c + 1e-4 I); the paper's class-wise PCA; a real training image plus Gaussian noise.
-Optional energy-adaptive stopping freezes a sample once E(x, y) has come within a threshold of the
-class-mean E(x, y) of the training data. The settings and their defaults are config.SampleConfig's.
+N(mu_c, Sigma_c + 1e-4 I); the paper's class-wise PCA; class-wise PCA at the data's spread and the
+journal's local class-wise PCA (inits.py); a real training image plus Gaussian noise.
+Optional energy-adaptive stopping freezes a sample once E(x, y) has reached the class-mean E(x, y)
+of the training data (inits.stop_reached). The settings and their defaults are config.SampleConfig's.
 
 Engine rules (docs/design.md#engine-rules): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
 garbage collection or cache emptying inside the step loop; randomness from explicit generators.
@@ -74,6 +75,7 @@ def sgld(
     alpha: float | None = None,
     stop_energy: torch.Tensor | None = None,
     threshold: float | None = None,
+    rule: str = SampleConfig.model_fields["adaptive_rule"].default,
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> SGLDOutput:
@@ -83,12 +85,18 @@ def sgld(
     one standard normal tensor of x's shape from `generator` (so a caller can replay the noise).
     The caller puts the model in eval mode with frozen weights (attacks.attack_mode).
     Adaptive stopping: with `stop_energy` (B,) and `threshold`, a sample stops for good at the
-    first step where E(x_n, y) <= stop_energy + threshold (it has come within the threshold of the
-    class-mean energy, or below it); a per-sample mask, so the loop never waits for the host.
+    first step where inits.stop_reached(E(x_n, y), stop_energy, threshold, rule=rule): by default
+    ("below") E(x_n, y) <= stop_energy + threshold (it has come within the threshold of the
+    class-mean energy, or below it), with "squared" (E - stop_energy)^2 < threshold; a per-sample
+    mask, so the loop never waits for the host.
     `on_step(n)` is called after step n with a Python int (no device sync).
     """
+    from .inits import STOP_RULES, stop_reached
+
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if rule not in STOP_RULES:
+        raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join(STOP_RULES)}")
     a = math.sqrt(2.0 * step_size) if alpha is None else alpha
     noise_scale = a * noise  # alpha * N(0, sigma^2) = (alpha * sigma) * N(0, 1)
     half_eta = 0.5 * step_size
@@ -97,7 +105,6 @@ def sgld(
     v = torch.zeros_like(x)
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     taken = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    limit = stop_energy + threshold if adaptive else None
     e_init = None
     for n in range(steps):
         with torch.enable_grad():
@@ -113,7 +120,7 @@ def sgld(
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             moved = (x + v + noise_scale * eps).clamp_(0.0, 1.0)
             if adaptive:
-                done = done | (e <= limit)
+                done = done | stop_reached(e, stop_energy, threshold, rule=rule)
                 x = torch.where(done.view(-1, 1, 1, 1), x, moved)
             else:
                 x = moved
@@ -387,6 +394,7 @@ def save_samples(path: Path, result: SampleResult) -> None:
 
     s = result.settings
     meta = {"format": SAMPLES_FORMAT, "weat_version": __version__, "checkpoint": s["checkpoint"],
+            "checkpoint_sha256": s.get("checkpoint_sha256") or "",
             "dataset": s["dataset"], "data_dir": s.get("data_dir") or "", "num_classes": str(s["num_classes"]),
             "settings": json.dumps(s, sort_keys=True)}
     tensors = {"samples": result.samples, "labels": result.labels, "predictions": result.predictions,
@@ -426,24 +434,27 @@ def load_training_data(cfg: RunConfig, checkpoint: Path, shape: tuple[int, int, 
         raise WeatInputError(f"checkpoint: {checkpoint} expects {shape} images; its dataset {dataset} has "
                              f"{ds.in_channels}x{ds.image_size}x{ds.image_size}")
     missing = [c for c in wanted if not bool((ds.train_y == c).any())]
-    if missing and s.init in ("informative", "pca", "noise"):
+    if missing and s.init in DATA_INITS:
         raise WeatInputError(f"--classes: class {missing[0]} has no training images in {dataset}; use --init uniform")
     return ds
 
 
 @dataclass
 class StartingPoints:
-    """Draws x_0 (B, C, H, W) in [0, 1] for labels y with `init` (docs/science.md#sgld): from the
-    class statistics (informative, pca) or the training images (noise) on the sampling device."""
+    """Draws x_0 (B, C, H, W) in [0, 1] for labels y with `init` (docs/science.md#initialisations):
+    from the class statistics (informative, pca, pca-scaled) or the training images (local-pca,
+    noise) on the sampling device."""
 
     init: str
     shape: tuple[int, int, int]  # (C, H, W)
-    settings: SampleConfig  # pca_variance, pca_sigma, init_noise
-    stats: ClassStats | None = None  # informative, pca
-    x_train: torch.Tensor | None = None  # noise: (N, C, H, W) uint8
-    y_train: torch.Tensor | None = None  # noise: (N,) int64
+    settings: SampleConfig  # pca_variance, pca_sigma, pca_scale, local_neighbours, init_noise
+    stats: ClassStats | None = None  # informative, pca, pca-scaled
+    x_train: torch.Tensor | None = None  # local-pca, noise: (N, C, H, W) uint8
+    y_train: torch.Tensor | None = None  # local-pca, noise: (N,) int64
 
     def draw(self, y: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        from . import inits
+
         s = self.settings
         if self.init == "uniform":
             return init_uniform(y, self.shape, generator=generator, device=device)
@@ -451,18 +462,28 @@ class StartingPoints:
             return init_informative(y, self.stats, generator=generator)
         if self.init == "pca":
             return init_pca(y, self.stats, variance=s.pca_variance, sigma=s.pca_sigma, generator=generator)
+        if self.init == "pca-scaled":
+            return inits.init_pca_scaled(y, self.stats, variance=s.pca_variance, scale=s.pca_scale, generator=generator)
+        if self.init == "local-pca":
+            return inits.local_class_pca(y, self.x_train, self.y_train, neighbours=s.local_neighbours,
+                                         variance=s.pca_variance, scale=s.pca_scale, generator=generator)
         return init_noise(y, self.x_train, self.y_train, std=s.init_noise, generator=generator)
+
+
+STATS_INITS = ("informative", "pca", "pca-scaled")  # draw from the cached class statistics
+IMAGE_INITS = ("local-pca", "noise")  # draw from the training images themselves
+DATA_INITS = STATS_INITS + IMAGE_INITS
 
 
 def starting_points(ds: Any, s: SampleConfig, num_classes: int, shape: tuple[int, int, int], dataset: str,
                     device: torch.device, emit: EventFn) -> StartingPoints:
-    """The class statistics (cached per dataset) for the informative and pca inits, the training
-    images for the noise init; nothing more for uniform."""
+    """The class statistics (cached per dataset) for the informative, pca and pca-scaled inits, the
+    training images (on the sampling device) for local-pca and noise; nothing more for uniform."""
     start = StartingPoints(s.init, shape, s)
-    if s.init in ("informative", "pca"):
+    if s.init in STATS_INITS:
         k = max(num_classes, ds.num_classes)
         start.stats = class_stats(ds.train_x, ds.train_y, k, name=dataset, on_event=emit).to(device)
-    elif s.init == "noise":
+    elif s.init in IMAGE_INITS:
         start.x_train, start.y_train = ds.train_x.to(device), ds.train_y.to(device)
     return start
 
@@ -485,11 +506,12 @@ def stopping_thresholds(model: nn.Module, ds: Any, checkpoint: Path, num_classes
 def sample_settings(checkpoint: Path, cfg: RunConfig, num_classes: int, wanted: list[int]) -> dict[str, Any]:
     """What a samples file records in its metadata ("settings"): the sampler's settings, alpha resolved."""
     s = cfg.sample
-    return {"checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir,
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint), "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir,
             "num_classes": num_classes, "classes": wanted, "init": s.init, "steps": s.steps, "step_size": s.step_size,
             "momentum": s.momentum, "noise": s.noise, "alpha": math.sqrt(2 * s.step_size) if s.alpha is None else s.alpha,
-            "pca_variance": s.pca_variance, "pca_sigma": s.pca_sigma, "init_noise": s.init_noise,
-            "adaptive": s.adaptive, "batch_size": s.batch_size, "seed": s.seed}
+            "pca_variance": s.pca_variance, "pca_sigma": s.pca_sigma, "pca_scale": s.pca_scale,
+            "local_neighbours": s.local_neighbours, "init_noise": s.init_noise, "adaptive": s.adaptive,
+            "adaptive_rule": s.adaptive_rule, "batch_size": s.batch_size, "seed": s.seed}
 
 
 Batches = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # uint8 samples, E(x_0, y), steps taken
@@ -527,7 +549,7 @@ def sgld_batches(model: nn.Module, labels: torch.Tensor, starts: StartingPoints,
 
             res = sgld(folded, x0, yb, steps=s.steps, step_size=s.step_size, momentum=s.momentum, noise=s.noise,
                        alpha=s.alpha, stop_energy=None if stop is None else stop[yb], threshold=s.adaptive,
-                       generator=generator_for(device, s.seed, Stream.SGLD_NOISE, b), on_step=on_step)
+                       rule=s.adaptive_rule, generator=generator_for(device, s.seed, Stream.SGLD_NOISE, b), on_step=on_step)
             outs[0].append((res.x * 255.0).round_().to(torch.uint8))
             outs[1].append(res.energy_initial)
             outs[2].append(res.steps_taken)
@@ -580,7 +602,10 @@ def write_outputs(result: SampleResult, out: Path, grid: Path, checkpoint: Path,
     save_samples(out, result)
     result.files["samples"] = str(out)
     images, cols, row_labels = grid_rows(result, wanted)
-    detail = {"pca": f" (r {s.pca_variance:g}, sigma_pca {s.pca_sigma:g})", "noise": f" (std {s.init_noise:g})"}.get(s.init, "")
+    detail = {"pca": f" (r {s.pca_variance:g}, sigma_pca {s.pca_sigma:g})",
+              "pca-scaled": f" (r {s.pca_variance:g}, scale {s.pca_scale:g})",
+              "local-pca": f" (K {s.local_neighbours}, r {s.pca_variance:g}, scale {s.pca_scale:g})",
+              "noise": f" (std {s.init_noise:g})"}.get(s.init, "")
     title = (f"{checkpoint.parent.name or checkpoint.name}: {s.init} init{detail}, {s.steps} SGLD steps, "
              f"eta {s.step_size:g}" + (f", momentum {s.momentum:g}" if s.momentum else ""))
     sample_grid(images, grid, nrow=cols, labels=row_labels, title=title)

@@ -1,4 +1,6 @@
-"""Quality of generated images: FID, KID and Inception Score (docs/science.md#sample-quality).
+"""Quality and variety of generated images (docs/science.md#sample-quality): FID, KID, Inception
+Score; precision, recall, density, coverage and the intra-class diversity ratio (variety.py); and
+the share of samples that a second classifier, the judge, recognises as their wanted class.
 
 FID and KID are clean-fid's (Parmar et al. 2022, "clean" mode): images are resized to 299x299
 with clean-fid's own PIL bicubic resizer, fed to the TorchScript Inception-v3 that clean-fid uses
@@ -10,7 +12,9 @@ point `--inception-weights` or $WEAT_INCEPTION_WEIGHTS at a local copy to work o
 
 `features=CKPT` computes the same distances with a weat classifier's penultimate features and its
 softmax: useful for comparing sampling settings of one model, not comparable with Inception-based
-numbers (the output says so).
+numbers (the output says so). Precision / recall / density / coverage and diversity use the same
+feature space as FID. Diversity and the judge need each sample's wanted class: a `weat sample`
+file carries them (`labels`), as does a dataset reference; an .npz may (`labels`, `label` or `y`).
 
 Reference statistics (mean, covariance and features of the reference set under one feature
 network) are cached as safetensors in cache_dir()/stats, keyed by the images' and the network's
@@ -49,6 +53,7 @@ KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # clean-fid's defaults
 REF_FORMAT = "weat-reference-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _ARRAY_KEYS = ("samples", "images", "image", "x", "arr_0")
+_LABEL_KEYS = ("labels", "label", "y")
 
 
 # ----------------------------------------------------------------------------- image sets
@@ -60,6 +65,21 @@ class ImageSet:
     description: str
     dataset: str | None = None  # the dataset the images come from or were generated for
     data_dir: str | None = None
+    labels: torch.Tensor | None = None  # (N,) int64: the class of each image (a sample's wanted class)
+    checkpoint: str | None = None  # a `weat sample` file: the checkpoint sampled from
+    checkpoint_sha256: str | None = None  # ... and its sha256, when the file records it
+
+
+def _labels_for(a: Any, n: int, where: str) -> torch.Tensor:
+    """An (N,) integer label array that goes with N images. -> int64 tensor"""
+    t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    if t.ndim != 1 or len(t) != n or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise WeatInputError(f"{where}: labels of shape {tuple(t.shape)} and dtype {t.dtype}; expected ({n},) "
+                             "integer class indices, one per image")
+    t = t.long()
+    if n and int(t.min()) < 0:
+        raise WeatInputError(f"{where}: negative labels; expected class indices >= 0")
+    return t
 
 
 def _to_uint8_nchw(a: Any, where: str) -> torch.Tensor:
@@ -125,13 +145,16 @@ def read_images(path: Path | str, where: str = "SAMPLES") -> ImageSet:
                     raise WeatInputError(f"{where}: {path} has no image tensor (found {sorted(f.keys())[:5]}); "
                                          f"expected one named {' or '.join(_ARRAY_KEYS[:4])}")
                 tensor = f.get_tensor(key)
+                labels = f.get_tensor("labels") if "labels" in f.keys() else None
         except WeatInputError:
             raise
         except Exception as e:
             raise WeatInputError(f"{where}: {path} is not a readable safetensors file ({type(e).__name__}); "
                                  f"expected a 'weat sample' file or images under {' or '.join(_ARRAY_KEYS[:4])}") from None
         x = _to_uint8_nchw(tensor, f"{where}: {path} tensor {key!r}")
-        return ImageSet(x, f"{path} ({len(x)} images)", meta.get("dataset") or None, meta.get("data_dir") or None)
+        y = None if labels is None else _labels_for(labels, len(x), f"{where}: {path} tensor 'labels'")
+        return ImageSet(x, f"{path} ({len(x)} images)", meta.get("dataset") or None, meta.get("data_dir") or None,
+                        y, meta.get("checkpoint") or None, meta.get("checkpoint_sha256") or None)
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -140,13 +163,16 @@ def read_images(path: Path | str, where: str = "SAMPLES") -> ImageSet:
                     raise WeatInputError(f"{where}: {path} has no image array (found {z.files[:5]}); "
                                          f"expected one named {' or '.join(_ARRAY_KEYS)}")
                 a = z[key]
+                label_key = next((k for k in _LABEL_KEYS if k in z.files), None)
+                labels = None if label_key is None else z[label_key]
         except WeatInputError:
             raise
         except Exception as e:
             raise WeatInputError(f"{where}: {path} is not a readable .npz ({type(e).__name__}); expected a numpy .npz "
                                  f"of plain arrays with images under {' or '.join(_ARRAY_KEYS)}") from None
         x = _to_uint8_nchw(a, f"{where}: {path} array {key!r}")
-        return ImageSet(x, f"{path} ({len(x)} images)")
+        y = None if labels is None else _labels_for(labels, len(x), f"{where}: {path} array {label_key!r}")
+        return ImageSet(x, f"{path} ({len(x)} images)", labels=y)
     raise WeatInputError(f"{where}: {path}; expected a .safetensors or .npz file or a folder of images")
 
 
@@ -165,8 +191,8 @@ def read_reference(spec: str, *, data_dir: str | None = None, download: bool = F
         raise WeatInputError(f"--ref: {spec!r} is neither a file, a folder nor a dataset; expected a folder, "
                              f"a .safetensors/.npz file or one of {', '.join(data_mod.dataset_names())}[:train|test]")
     ds = data_mod.load(name, data_dir, download=download, device="cpu")
-    x = ds.train_x if split == "train" else ds.test_x
-    return ImageSet(x, f"{name}:{split} ({len(x)} images)", name, data_dir)
+    x, y = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
+    return ImageSet(x, f"{name}:{split} ({len(x)} images)", name, data_dir, y.long())
 
 
 # ----------------------------------------------------------------------------- feature networks
@@ -198,7 +224,7 @@ def find_inception_weights(path: Path | str | None = None, *, download: bool = F
         return p
     candidates = [cache_dir() / INCEPTION_FILE, CLEANFID_DIR / INCEPTION_FILE]
     for p in candidates:
-        if p.is_file():
+        if p.is_file() and (p.parent != CLEANFID_DIR or _private(p)):
             return p
     if not download:
         raise WeatInputError(
@@ -206,6 +232,13 @@ def find_inception_weights(path: Path | str | None = None, *, download: bool = F
             f"expected {_where_to_get()}; pass --inception-weights PATH or set $WEAT_INCEPTION_WEIGHTS, "
             f"add --download to fetch it, or use --features CKPT")
     return _download_inception(candidates[0])
+
+
+def _private(path: Path) -> bool:
+    """A file in a shared folder (clean-fid's /tmp) is used only when it is ours and nobody else can
+    write it: the weights are a TorchScript program, and anyone may drop a file into /tmp."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _download_inception(target: Path) -> Path:
@@ -386,10 +419,16 @@ def reference_stats(net: FeatureNet, ref: ImageSet, *, batch_size: int, on_event
 
 # ----------------------------------------------------------------------------- the command
 
+# The result keys (None when not asked): quality, then variety, then the judge.
+RESULT_KEYS = ("fid", "kid", "is_mean", "is_std", "precision", "recall", "density", "coverage", "diversity",
+               "diversity_per_class", "judge_accuracy")
+FEATURE_METRICS = ("fid", "kid", "is", "prdc", "diversity")  # need the feature network
+REFERENCE_METRICS = ("fid", "kid", "prdc", "diversity")  # need the reference set
+
 
 @dataclass
 class ScoreResult:
-    metrics: dict[str, float | None]  # fid, kid, is_mean, is_std (None when not asked)
+    metrics: dict[str, Any]  # RESULT_KEYS: floats (diversity_per_class a {class: ratio} dict), None when not asked
     n: int
     n_reference: int | None
     reference: str | None
@@ -399,10 +438,14 @@ class ScoreResult:
     reference_cached: bool | None
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved [data] and [score] sections, as JSON
+    computed: list[str] = field(default_factory=list)  # the metric names computed (score.metrics resolved)
+    judge: str | None = None  # the judge checkpoint
 
     def summary(self) -> dict[str, Any]:
         return {
             **self.metrics,
+            "metrics": list(self.computed),
+            "judge": self.judge,
             "n": self.n,
             "n_reference": self.n_reference,
             "reference": self.reference,
@@ -415,17 +458,26 @@ class ScoreResult:
         }
 
 
-def sample_subset(samples: Path | str, n: int | None, seed: int) -> tuple[ImageSet, torch.Tensor]:
-    """The samples (ImageSet) and the images to score: all, or a fixed random subset of n (sorted
-    indices from numpy's default_rng(seed)). -> (set, (N, C, H, W) uint8)"""
+def _seeded_subset(n_total: int, n: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a fixed random subset of n of n_total (numpy default_rng(seed)); None: keep all."""
+    if n >= n_total:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+
+
+def sample_subset(samples: Path | str, n: int | None, seed: int) -> tuple[ImageSet, torch.Tensor, torch.Tensor | None]:
+    """The samples (ImageSet) and the images to score with their labels: all, or a fixed random
+    subset of n (sorted indices from numpy's default_rng(seed)). -> (set, (N, C, H, W) uint8, (N,) or None)"""
     sample_set = read_images(samples)
-    x = sample_set.images
+    x, y = sample_set.images, sample_set.labels
     if n is not None:
         if n > len(x):
             raise WeatInputError(f"--n: {n} is more than the {len(x)} images in {samples}; expected at most {len(x)}")
-        idx = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
-        x = x[idx]
-    return sample_set, x
+        idx = _seeded_subset(len(x), n, seed)
+        if idx is not None:
+            idx = torch.from_numpy(idx)
+            x, y = x[idx], (None if y is None else y[idx])
+    return sample_set, x, y
 
 
 def feature_net(s: ScoreConfig, download: bool, device: torch.device) -> tuple[FeatureNet, Any]:
@@ -454,8 +506,50 @@ def reference_set(s: ScoreConfig, data: DataConfig, sample_set: ImageSet, ck: An
             sample_set.data_dir if sample_set.dataset else (ck.config.data.data_dir if ck is not None else None))
         ref_set = read_reference(f"{dataset}:train", data_dir=root, download=data.download)
     if len(ref_set.images) < 2:
-        raise WeatInputError(f"--ref: {ref_set.description}; FID and KID need at least 2 images")
+        raise WeatInputError(f"--ref: {ref_set.description}; FID, KID, prdc and diversity need at least 2 images")
     return ref_set
+
+
+def check_labels(names: list[str], sample_set: ImageSet, samples: Path | str) -> None:
+    """diversity and judge need each sample's wanted class."""
+    needing = [m for m in names if m in ("diversity", "judge")]
+    if needing and sample_set.labels is None:
+        raise WeatInputError(f"SAMPLES: {samples} does not say which class each image was generated for; "
+                             f"{' and '.join(needing)} need it: expected a 'weat sample' file or an .npz with "
+                             f"{' / '.join(_LABEL_KEYS)} (or leave {' and '.join(needing)} out of --metrics)")
+
+
+def load_judge(s: ScoreConfig, sample_set: ImageSet, x: torch.Tensor, labels: torch.Tensor, samples: Path | str,
+               device: torch.device) -> tuple[Any, list[str]]:
+    """--judge CKPT: its model (eval mode, on `device`), refused when it is the checkpoint the samples
+    came from (same file content), cannot take the images or lacks a wanted class. -> (model, notes)"""
+    from . import checkpoint as ckpt_mod
+
+    path = Path(s.judge).expanduser()
+    if not path.is_file():
+        raise WeatInputError(f"--judge: {s.judge} not found; expected a weat checkpoint other than the one sampled from")
+    notes = []
+    sampled = sample_set.checkpoint_sha256
+    if sampled is None and sample_set.checkpoint and Path(sample_set.checkpoint).is_file():
+        sampled = file_digest(Path(sample_set.checkpoint))
+    if sampled is None:
+        notes.append(f"{samples} does not name the checkpoint it was sampled from: the judge {path} is taken to be "
+                     "another classifier")
+    elif file_digest(path) == sampled:
+        raise WeatInputError(f"--judge: {path} is the checkpoint {samples} was sampled from "
+                             f"({sample_set.checkpoint or 'the same file content'}); expected another classifier "
+                             "(the sampled model rates its own samples highly by construction), e.g. a separately "
+                             "trained standard model")
+    ck = ckpt_mod.load(path, device=device)
+    shape = (ck.in_channels, ck.image_size, ck.image_size)
+    if tuple(x.shape[1:]) != shape:
+        size = "x".join(map(str, shape))
+        raise WeatInputError(f"--judge: {path} takes {size} images; got {'x'.join(map(str, x.shape[1:]))} in "
+                             f"{samples}; expected a judge trained on the samples' dataset")
+    if len(labels) and int(labels.max()) >= ck.num_classes:
+        raise WeatInputError(f"--judge: {path} has {ck.num_classes} classes; {samples} asks for class "
+                             f"{int(labels.max())}; expected a judge trained on the samples' dataset")
+    return ck.model, notes
 
 
 def compute_metrics(names: list[str], feats: np.ndarray, probs: np.ndarray | None,
@@ -476,42 +570,113 @@ def compute_metrics(names: list[str], feats: np.ndarray, probs: np.ndarray | Non
     return out, notes
 
 
-def score_samples(samples: Path | str, cfg: RunConfig, *, on_event: EventFn | None = None) -> ScoreResult:
-    """`weat score`: FID / KID against a reference set and the Inception Score of the samples.
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
-    cfg.score holds the settings (metrics, reference, features, subset n, seed); cfg.data the
+
+def variety_metrics(names: list[str], feats: np.ndarray, labels: torch.Tensor | None, ref_feats: np.ndarray,
+                    ref_labels: torch.Tensor | None, s: ScoreConfig) -> tuple[dict[str, Any], list[str]]:
+    """Precision / recall / density / coverage (variety.prdc, k = score.prdc_k, at most score.prdc_max
+    of each side) and the intra-class diversity ratio (variety.diversity_ratio) of the sample
+    features against the reference's, in one feature space. -> (result keys, notes)"""
+    from . import variety
+
+    out: dict[str, Any] = {}
+    notes = []
+    if "prdc" in names:
+        fake_idx = _seeded_subset(len(feats), s.prdc_max, s.seed)
+        real_idx = _seeded_subset(len(ref_feats), s.prdc_max, s.seed + 1)
+        fake = feats if fake_idx is None else feats[fake_idx]
+        real = ref_feats if real_idx is None else ref_feats[real_idx]
+        if fake_idx is not None or real_idx is not None:
+            notes.append(f"precision/recall/density/coverage on {len(fake)} samples and {len(real)} reference images "
+                         f"(seeded random subsets, score.prdc_max {s.prdc_max})")
+        out.update(variety.prdc(real, fake, k=s.prdc_k))
+    if "diversity" in names:
+        d = variety.diversity_ratio(feats, labels, ref_feats, ref_labels, max_per_class=s.diversity_max_per_class,
+                                    seed=s.seed)
+        out["diversity"] = _finite_or_none(d["ratio"])
+        out["diversity_per_class"] = {str(c): _finite_or_none(v) for c, v in d["per_class"].items()}
+        if d["skipped"]:
+            notes.append(f"diversity leaves out class{'es' if len(d['skipped']) > 1 else ''} "
+                         f"{', '.join(map(str, d['skipped']))}: fewer than 2 samples or reference images")
+    return out, notes
+
+
+def score_samples(samples: Path | str, cfg: RunConfig, *, on_event: EventFn | None = None) -> ScoreResult:
+    """`weat score`: quality and variety of samples (docs/science.md#sample-quality).
+
+    FID / KID against a reference set and the Inception Score; precision / recall / density /
+    coverage and the intra-class diversity ratio against the reference, in the same feature space;
+    the judge's recognition (--judge CKPT: a classifier other than the one sampled from).
+    cfg.score holds the settings (metrics, reference, features, judge, subsets, seed); cfg.data the
     reference dataset's root and whether the Inception weights or that dataset may be downloaded.
-    Bad input (files, shapes, a missing reference) is refused before any feature is extracted.
+    Bad input (files, shapes, labels, a missing reference, the sampled model as judge) is refused
+    before any feature is extracted.
     """
     s, emit = cfg.score, on_event or ignore_event
     dev = eval_device(s.device)
     t0 = time.perf_counter()
-    sample_set, x = sample_subset(samples, s.n, s.seed)
-    distances = [m for m in s.metrics if m in ("fid", "kid")]
+    sample_set, x, y = sample_subset(samples, s.n, s.seed)
+    names = s.metrics_for(labelled=y is not None, n=len(x))
+    check_labels(names, sample_set, samples)
+    notes: list[str] = []
+    if s.metrics is None and "prdc" not in names:
+        notes.append(f"precision/recall/density/coverage left out: {len(x)} samples, they need more than "
+                     f"score.prdc_k = {s.prdc_k}")
+    distances = [m for m in names if m in ("fid", "kid")]
     if distances and len(x) < 2:
         raise WeatInputError(f"SAMPLES: {len(x)} image; FID and KID need at least 2")
-    net, ck = feature_net(s, cfg.data.download, dev)
-    ref_set = reference_set(s, cfg.data, sample_set, ck, samples) if distances else None
+    if "prdc" in names and len(x) <= s.prdc_k:
+        raise WeatInputError(f"SAMPLES: {len(x)} images; precision/recall/density/coverage need more than "
+                             f"score.prdc_k = {s.prdc_k}")
+    judge_model = None
+    if "judge" in names:
+        judge_model, judge_notes = load_judge(s, sample_set, x, y, samples, dev)
+        notes += judge_notes
+    net, ck = feature_net(s, cfg.data.download, dev) if any(m in FEATURE_METRICS for m in names) else (None, None)
+    ref_set = reference_set(s, cfg.data, sample_set, ck, samples) if any(m in REFERENCE_METRICS for m in names) else None
+    if ref_set is not None:
+        if "diversity" in names and ref_set.labels is None:
+            raise WeatInputError(f"--ref: {ref_set.description} does not give each image's class; diversity needs it: "
+                                 "expected DATASET[:split] or an .npz with labels (or leave diversity out of --metrics)")
+        if "prdc" in names and len(ref_set.images) <= s.prdc_k:
+            raise WeatInputError(f"--ref: {ref_set.description}; precision/recall/density/coverage need more than "
+                                 f"score.prdc_k = {s.prdc_k} images")
     if ck is not None:  # a shape mismatch is bad input: refuse it before any work
         shape = (ck.in_channels, ck.image_size, ck.image_size)
         check_image_shape(Path(s.features), shape, x, f"in {samples}")
         if ref_set is not None:
             check_image_shape(Path(s.features), shape, ref_set.images, f"in the reference {ref_set.description}")
     emit("start", {"samples": sample_set.description, "n": len(x), "reference": ref_set.description if ref_set else None,
-                   "features": net.name, "metrics": list(s.metrics), "device": str(dev)})
+                   "features": net.name if net else None, "metrics": names, "device": str(dev)})
+    out: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
     ref_stats, cached = None, None
     if ref_set is not None:
         ref_stats, cached = reference_stats(net, ref_set, batch_size=s.batch_size, on_event=emit)
-    emit("stage", {"name": "samples", "total": len(x)})
-    feats, probs = extract(net, x, batch_size=s.batch_size, want_probs="is" in s.metrics,
-                           on_progress=lambda done: emit("progress", {"done": done}))
-    out, notes = compute_metrics(s.metrics, feats, probs, ref_stats, s.seed)
-    if not net.comparable:
-        notes.insert(0, f"features from the weat classifier {s.features} (penultimate layer and softmax): "
-                     "not comparable with Inception-based FID / KID / IS")
+    if net is not None:
+        emit("stage", {"name": "samples", "total": len(x)})
+        feats, probs = extract(net, x, batch_size=s.batch_size, want_probs="is" in names,
+                               on_progress=lambda done: emit("progress", {"done": done}))
+        quality, quality_notes = compute_metrics(names, feats, probs, ref_stats, s.seed)
+        out.update(quality)
+        notes += quality_notes
+        if ref_stats is not None:
+            var, var_notes = variety_metrics(names, feats, y, ref_stats["features"], ref_set.labels, s)
+            out.update(var)
+            notes += var_notes
+        if not net.comparable:
+            notes.insert(0, f"features from the weat classifier {s.features} (penultimate layer and softmax): "
+                         "not comparable with Inception-based FID / KID / IS / prdc / diversity")
+    if judge_model is not None:
+        from .variety import judge_accuracy
+
+        emit("stage", {"name": "judge", "total": len(x)})
+        out["judge_accuracy"] = judge_accuracy(judge_model, x, y, batch_size=s.batch_size)
     return ScoreResult(
         metrics=out, n=len(x), n_reference=None if ref_set is None else len(ref_set.images),
-        reference=None if ref_set is None else ref_set.description, features=net.name, comparable=net.comparable,
-        seconds=time.perf_counter() - t0, reference_cached=cached, notes=notes,
-        config=cfg.model_dump(mode="json", include={"data", "score"}),
+        reference=None if ref_set is None else ref_set.description, features=net.name if net else "none",
+        comparable=bool(net and net.comparable), seconds=time.perf_counter() - t0, reference_cached=cached, notes=notes,
+        config=cfg.model_dump(mode="json", include={"data", "score"}), computed=names,
+        judge=None if s.judge is None else str(s.judge),
     )

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import recipe as recipe_mod
 from .attacks import attack_mode, engine_options, pgd, predict
 from .config import RunConfig
 from .energy import energy_stats
@@ -97,6 +98,8 @@ def lr_at(step: int, total: int, cfg: RunConfig) -> float:
     if t.schedule == "constant":
         return t.lr
     if t.schedule == "cosine":
+        if t.warmup_epochs:  # recipe: linear warm-up, then cosine
+            return recipe_mod.warm_cosine(step, total, cfg)
         return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
     if t.schedule == "multistep":
         return t.lr * t.gamma ** sum(frac >= m for m in t.milestones)
@@ -229,10 +232,17 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor], device) -> None:
+    """Load the saved optimizer state. A state tensor shaped like its parameter takes that
+    parameter's memory layout: fused SGD pairs momentum and weight by raw memory order, so a
+    contiguous momentum buffer for a channels_last weight (CUDA) would be applied scrambled."""
+    params = [p for group in opt.param_groups for p in group["params"]]  # state_dict's indices
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in extra.items():
         if key.startswith(ckpt.OPTIM_PREFIX):
             idx, name = key[len(ckpt.OPTIM_PREFIX) :].split("/", 1)
+            param = params[int(idx)]
+            if value.shape == param.shape:
+                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
             state.setdefault(int(idx), {})[name] = value.to(device)
     sd = opt.state_dict()
     sd["state"] = state
@@ -268,6 +278,7 @@ def fit(
     t = cfg.train
     if cfg.model.arch not in ARCHS:
         raise WeatInputError(f"model.arch: unknown {cfg.model.arch!r}; expected one of {', '.join(ARCHS)}")
+    recipe_mod.check_config(cfg)
     ctx, device_name = dist_mod.init(t.device)  # a single process unless started by torchrun
     completed = False
     try:
@@ -276,6 +287,7 @@ def fit(
             raise WeatInputError(f"train.batch_size: {t.batch_size} is the global batch; expected a multiple of "
                                  f"the {ctx.world} ranks")
         dataset = data_mod.load(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, device=device)
+        recipe_mod.check_extra(cfg, dataset)  # before the run directory exists
         if resume is None:  # rank 0 names (and creates) the run directory, the others follow
             run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
         lock = _RunLock(run_dir) if ctx.main else nullcontext()
@@ -328,6 +340,7 @@ class _Run:
     batch_size: int  # the global batch, at most the training set's size
     batches: int  # per epoch: the ragged last batch is dropped (fixed shapes every step)
     meta_common: dict[str, int]  # num_classes, in_channels, image_size for every checkpoint's metadata
+    recipe: recipe_mod.Recipe  # EMA, AWP, extra data, TensorBoard (recipe.py): inert when all are off
 
     @property
     def total_steps(self) -> int:
@@ -377,10 +390,12 @@ def _fit_locked(*, cfg: RunConfig, dataset: data_mod.Dataset, device: torch.devi
         _train_epoch(run, progress, epoch=epoch)
         train_seconds = time.perf_counter() - e0
         row = _epoch_row(run, progress, epoch=epoch, started=e0, train_seconds=train_seconds)
+        run.recipe.log_epoch(run_dir, row)
         _select_and_save(run, progress, row=row)
         emit("epoch", {"row": row, "epochs": t.epochs, "best_epoch": progress.best["epoch"]})
         if _stop_requested(interrupt, ctx, True, device):
             raise TrainingInterrupted(run_dir, epoch + 1, run.batches)
+    run.recipe.close()
     return _result(run, progress, seconds=time.perf_counter() - t0)
 
 
@@ -410,11 +425,13 @@ def _set_up(*, cfg: RunConfig, dataset: data_mod.Dataset, device: torch.device, 
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     n_train = len(dataset.train_x)
     batch_size = min(t.batch_size, n_train)
+    recipe = recipe_mod.Recipe(cfg, model=model, dataset=dataset, device=device, ctx=ctx)
     return _Run(cfg=cfg, dataset=dataset, device=device, run_dir=run_dir, ctx=ctx, emit=emit, interrupt=interrupt,
                 model=model, net=net, train_net=train_net, optimizer=optimizer, scaler=scaler,
-                loss_fn=LOSSES[t.method], batch_size=batch_size, batches=n_train // batch_size,
+                loss_fn=LOSSES[t.method], batch_size=batch_size,
+                batches=recipe.steps_per_epoch or n_train // batch_size,
                 meta_common=dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels,
-                                 image_size=dataset.image_size))
+                                 image_size=dataset.image_size), recipe=recipe)
 
 
 def _restore(run: _Run, *, resumed: ckpt.Checkpoint | None, state: dict[str, Any]) -> _Progress:
@@ -424,6 +441,7 @@ def _restore(run: _Run, *, resumed: ckpt.Checkpoint | None, state: dict[str, Any
     if resumed is not None:
         run.model.load_state_dict(resumed.model.state_dict())
         _restore_optimizer(run.optimizer, resumed.extra, run.device)
+        run.recipe.load_state(resumed.extra, resumed.path)
         progress.start_epoch, progress.start_batch = state["epoch"], state["batch"]
         progress.best = state["best"]
         if "scaler" in state:
@@ -463,6 +481,7 @@ def _save_last(run: _Run, progress: _Progress, *, epoch: int, batch: int, genera
         return
     tensors = ckpt.state_dict_of(run.model)
     tensors.update(_optimizer_tensors(run.optimizer))
+    tensors.update(run.recipe.state_tensors())
     if batch:
         tensors[ckpt.STATE_PREFIX + "generator"] = generator.get_state().cpu()
         tensors.update({f"{ckpt.STATE_PREFIX}sum/{k}": v.detach().cpu().reshape(()) for k, v in global_sums.items()})
@@ -490,7 +509,7 @@ def _train_epoch(run: _Run, progress: _Progress, *, epoch: int) -> None:
     run.net.train()
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based batch, -1: none yet
     for b in range(progress.start_batch, run.batches):
-        x, y = _batch(run, perm=perm, batch=b, generator=g)
+        x, y = _batch(run, perm=perm, batch=b, generator=g, epoch=epoch)
         lr = lr_at(epoch * run.batches + b, run.total_steps, run.cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -510,14 +529,18 @@ def _train_epoch(run: _Run, progress: _Progress, *, epoch: int) -> None:
     progress.start_batch = 0
 
 
-def _batch(run: _Run, *, perm: torch.Tensor, batch: int,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(run: _Run, *, perm: torch.Tensor, batch: int, generator: torch.Generator,
+           epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `batch` (0-based) of the epoch's permutation, augmented: float images (B, C, H, W) in
-    [0, 1] and labels (B,), B being this rank's slice of the global batch."""
+    [0, 1] and labels (B,), B being this rank's slice of the global batch. With extra data the
+    recipe mixes the step's real and generated images."""
     ds, d = run.dataset, run.cfg.data
-    idx = perm[batch * run.batch_size : (batch + 1) * run.batch_size]
-    x = data_mod.augment(ds.train_x[idx], generator=generator, padding=d.crop_padding, flip=d.flip)
-    y = ds.train_y[idx]
+    if run.recipe.stream is not None:
+        x_u8, y = run.recipe.global_batch(ds, perm=perm, epoch=epoch, step=batch)
+    else:
+        idx = perm[batch * run.batch_size : (batch + 1) * run.batch_size]
+        x_u8, y = ds.train_x[idx], ds.train_y[idx]
+    x = data_mod.augment(x_u8, generator=generator, padding=d.crop_padding, flip=d.flip)
     # Every rank augmented the whole global batch (the generators stay in step); keep our slice.
     x, y = dist_mod.local_batch(x, run.ctx), dist_mod.local_batch(y, run.ctx)
     if run.device.type == "cuda":
@@ -533,13 +556,19 @@ def _train_step(run: _Run, *, x: torch.Tensor, y: torch.Tensor, generator: torch
     rank makes no update and counts only as skipped."""
     t = run.cfg.train
     with _autocast(run.device, t.precision), engine_options(shard=(run.ctx.rank, run.ctx.world)):
-        loss, stats = run.loss_fn(run.train_net, x, y, run.cfg, generator=generator, progress=epoch / t.epochs)
+        # recipe: AWP attacks first and moves the weights to w + v (x_adv None: the loss attacks itself)
+        x_adv, awp_diff = run.recipe.perturb_weights(run.model, run.train_net, x, y, generator=generator, epoch=epoch)
+        loss, stats = run.loss_fn(run.train_net, x, y, run.cfg, generator=generator, progress=epoch / t.epochs,
+                                  **({} if x_adv is None else {"x_adv": x_adv}))
     if t.nan_policy == "skip-batch" and not _all_finite(loss, run.ctx):
+        run.recipe.restore_weights(run.model, awp_diff)
         return {"skipped_batches": torch.ones((), device=run.device)}, first_bad
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    run.recipe.restore_weights(run.model, awp_diff)  # back to exactly w before the update
     run.scaler.step(run.optimizer)  # fp16: skipped by the scaler itself when its gradients overflowed
     run.scaler.update()
+    run.recipe.after_step(run.model)  # EMA
     stats = {"loss": loss.detach().float() * len(y), "n": torch.tensor(float(len(y)), device=run.device), **stats}
     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), batch + 1, first_bad)
     return stats, first_bad
@@ -573,8 +602,9 @@ def _epoch_row(run: _Run, progress: _Progress, *, epoch: int, started: float, tr
         raise WeatRunError(f"every batch of epoch {epoch + 1} had a non-finite loss (--nan-policy skip-batch); "
                            f"the last good checkpoint is kept in {run.run_dir}")
     row.update(_train_averages(sums))
-    row.update(evaluate(run.net, ds.test_x[: t.eval_n], ds.test_y[: t.eval_n], cfg, generator=eval_gen))
-    row.update(track_energies(run.net, ds.train_x[: t.energy_n], ds.train_y[: t.energy_n], cfg, generator=eval_gen))
+    net = run.recipe.eval_model(run.net)  # recipe: the EMA weights when averaging
+    row.update(evaluate(net, ds.test_x[: t.eval_n], ds.test_y[: t.eval_n], cfg, generator=eval_gen))
+    row.update(track_energies(net, ds.train_x[: t.energy_n], ds.train_y[: t.energy_n], cfg, generator=eval_gen))
     row["seconds"] = round(time.perf_counter() - started, 3)
     row["train_seconds"] = round(train_seconds, 3)
     bad = [k for k, v in run.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -605,11 +635,12 @@ def _select_and_save(run: _Run, progress: _Progress, *, row: dict[str, Any]) -> 
     """Rank 0 updates model.safetensors by --select (best/last/energy); every rank then joins the
     end-of-epoch last.safetensors write."""
     if run.ctx.main:
+        model = run.recipe.eval_model(run.model)  # recipe: the EMA weights when averaging
         if run.cfg.train.select == "energy":
-            progress.best = _select_by_energy(run.run_dir, run.model, run.cfg, progress.history, progress.best,
+            progress.best = _select_by_energy(run.run_dir, model, run.cfg, progress.history, progress.best,
                                               run.meta_common)
         else:
-            progress.best = _select_by_accuracy(run.run_dir, run.model, run.cfg, row, progress.best, run.meta_common)
+            progress.best = _select_by_accuracy(run.run_dir, model, run.cfg, row, progress.best, run.meta_common)
     _save_last(run, progress, epoch=row["epoch"], batch=0, generator=None)
 
 
