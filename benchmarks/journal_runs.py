@@ -77,20 +77,23 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"der-n-fgsm-s{i}", "der", ["--preset", "digits-fgsm-rs-co", "--method", "n-fgsm",
                                                   "--set", "train.fgsm_alpha=1.0", "--seed", str(i)], "n-fgsm", i)
                  for i in s]
-        runs += [Run(f"der-pgd-at-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--seed", str(i)], "pgd-at", i)
-                 for i in s if i < 2]
-        runs += [Run(f"der-pgd-at-der-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--seed", str(i),
-                                                      "--set", "train.der_weight=1.0"], "pgd-at + DER", i)
-                 for i in s if i < 2]
+        # pgd-at on the robust-overfitting preset, with and without DER; `--select energy` only
+        # chooses which epoch model.safetensors holds, so these runs are also the ro part's seeds.
+        runs += [Run(f"der-pgd-at-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--select", "energy",
+                                                  "--seed", str(i)], "pgd-at", i) for i in s]
+        runs += [Run(f"der-pgd-at-der-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--select", "energy",
+                                                      "--seed", str(i), "--set", "train.der_weight=1.0"],
+                     "pgd-at + DER", i) for i in s]
     if "ro" in parts:
-        runs += [Run("ro-pgd-at-ro", "ro", ["--preset", "digits-pgd-at-ro", "--select", "energy"], "digits-pgd-at-ro"),
-                 Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
+        runs += [Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
                  Run("ro-weat", "ro", ["--preset", "digits-weat", "--select", "energy"], "digits-weat")]
         if with_long:
             runs.append(Run("ro-pgd-at-120-multistep", "ro",
                             ["--preset", "digits-pgd-at", "--epochs", "120", "--set", "train.schedule=multistep",
                              "--select", "energy"], "digits-pgd-at, 120 epochs, multistep"))
-    return runs
+    # Every setting's first seed first (a wrong setting shows early), the longest runs of a seed
+    # first; the ro part's single runs last.
+    return sorted(runs, key=lambda r: (r.seed if r.part != "ro" else len(runs), "pgd-at" not in r.name))
 
 
 def _load() -> float:
@@ -311,7 +314,7 @@ def tables(results: list[dict[str, Any]], timing: dict[str, Any] | None) -> str:
                       f"{statistics.median(a['train_seconds_per_epoch'] for a in an):.2f} |")
         md.append("")
 
-    rs = by_part.get("ro", [])
+    rs = [r for r in by_part.get("der", []) if r["group"].startswith("pgd-at")] + by_part.get("ro", [])
     if rs:
         md += ["### Robust overfitting and --select energy", "",
                "| run | epochs | best PGD-20 (epoch) | last PGD-20 | best - last | phase 3 flagged | CO flagged | "
