@@ -13,8 +13,10 @@ their metrics.jsonl with weatcli.phases):
   co    Catastrophic overfitting: `--preset digits-fgsm-rs-co` per seed; the collapse epoch (PGD-20
         below 10% of its best so far) against the epoch the detector flags.
   der   DER on the CO setting: fgsm-rs vs `--preset digits-fgsm-rs-der` vs n-fgsm at the same eps,
-        per seed (best and last PGD-20, time); pgd-at with and without DER on `digits-pgd-at-ro`.
-  ro    Robust overfitting and the phase-3 detector: `--preset digits-pgd-at-ro --select energy`;
+        per seed (best and last PGD-20, time); pgd-at with and without DER at the same eps (PGD_AT_015:
+        no crops, no weight decay, 50 epochs multistep, a long stretch at lr 0.01 after the first decay,
+        where robust overfitting would show; on digits it did not).
+  ro    Robust overfitting and the phase-3 detector (with the pgd-at runs of `der`):
         the issue's failure case `--preset digits-pgd-at --epochs 120 --set train.schedule=multistep
         --select energy`; `digits-trades` and `digits-weat` (40 epochs) for false alarms.
 
@@ -62,6 +64,13 @@ class Run:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# pgd-at at the CO setting's eps 0.15, set up as Rice et al. see robust overfitting: no crops, no weight
+# decay, lr 0.1 for 15 epochs then 0.01 for 30 (and 0.001 for 5).
+PGD_AT_015 = ["--preset", "digits-pgd-at", "--eps", "0.15", "--epochs", "50", "--set", "data.crop_padding=0",
+              "--set", "train.weight_decay=0.0", "--set", "train.lr=0.1", "--set", "train.schedule='multistep'",
+              "--set", "train.milestones=[0.3, 0.9]", "--select", "energy"]
+
+
 def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
     s = range(seeds)
     runs: list[Run] = []
@@ -79,10 +88,8 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
                  for i in s]
         # pgd-at on the robust-overfitting preset, with and without DER; `--select energy` only
         # chooses which epoch model.safetensors holds, so these runs are also the ro part's seeds.
-        runs += [Run(f"der-pgd-at-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--select", "energy",
-                                                  "--seed", str(i)], "pgd-at", i) for i in s]
-        runs += [Run(f"der-pgd-at-der-s{i}", "der", ["--preset", "digits-pgd-at-ro", "--select", "energy",
-                                                      "--seed", str(i), "--set", "train.der_weight=1.0"],
+        runs += [Run(f"der-pgd-at-s{i}", "der", [*PGD_AT_015, "--seed", str(i)], "pgd-at", i) for i in s]
+        runs += [Run(f"der-pgd-at-der-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0"],
                      "pgd-at + DER", i) for i in s]
     if "ro" in parts:
         runs += [Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
