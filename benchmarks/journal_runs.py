@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def execute(run: Run, out: Path, *, threads: int, jobs: int, fresh: bool) -> dic
             raise SystemExit(f"[journal] {run.name} failed (exit {code}); see {out / (run.name + '.log')}")
         print(f"[journal] {run.name}: interrupted (exit 130), resuming", file=sys.stderr, flush=True)
     result = {"name": run.name, "part": run.part, "group": run.group, "seed": run.seed,
-              "command": "weat train " + " ".join(run.argv), "wall_seconds": round(wall, 1),
+              "command": "weat train " + shlex.join(run.argv), "wall_seconds": round(wall, 1),
               "cpu_seconds": round(cpu, 1), "attempts": attempts,
               "load_before": load0, "load_after": _load(), "threads": threads, "jobs": jobs,
               "summary": json.loads(stdout), **run.meta}
