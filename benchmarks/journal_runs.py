@@ -68,8 +68,8 @@ class Run:
 # pgd-at at the CO setting's eps 0.15, set up as Rice et al. see robust overfitting: no crops, no weight
 # decay, lr 0.1 for 15 epochs then 0.01 for 30 (and 0.001 for 5).
 PGD_AT_015 = ["--preset", "digits-pgd-at", "--eps", "0.15", "--epochs", "50", "--set", "data.crop_padding=0",
-              "--set", "train.weight_decay=0.0", "--set", "train.lr=0.1", "--set", "train.schedule='multistep'",
-              "--set", "train.milestones=[0.3, 0.9]", "--select", "energy"]
+              "--set", "train.weight_decay=0.0", "--set", "train.lr=0.1", "--set", "train.schedule=multistep",
+              "--set", "train.milestones=[0.3,0.9]", "--select", "energy"]
 
 
 def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
