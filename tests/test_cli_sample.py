@@ -124,6 +124,7 @@ def test_help_shows_the_config_defaults(command, section, flags, capsys):
 
 def sample_json(model_path, tmp_path, capsys, *args):
     code, out, err = run_cli(["sample", str(model_path), "--classes", "0,5", "--init", "uniform", "--device", "cpu",
+                              "--adaptive", "off",  # every step runs: mean_steps tells the steps asked for
                               "--out", str(tmp_path / "s.safetensors"), "--json", *args], capsys)
     assert code == 0, err
     _, meta = ckpt.read(tmp_path / "s.safetensors", metadata_only=True)

@@ -123,6 +123,23 @@ def test_zero_steps_returns_the_start():
     torch.testing.assert_close(out.energy_initial, joint_energy(model(x0), y))
 
 
+def test_adaptive_stopping_ends_the_loop_once_every_sample_has_stopped(monkeypatch):
+    model = linear_model()
+    calls = []
+    counted = lambda x: (calls.append(1), model(x))[1]  # noqa: E731
+    x0, y = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0])
+    e0 = joint_energy(model(x0), y)
+    stop = e0 - torch.tensor([0.01, 0.02, 0.03])  # each stops within a few steps
+    kw = dict(steps=200, step_size=0.1, stop_energy=stop, threshold=0.0)
+    seen = []
+    early = sampling.sgld(counted, x0, y, generator=torch.Generator().manual_seed(1), on_step=seen.append, **kw)
+    assert len(calls) < 30 and seen[-1] == 200  # ended at a check, the progress told it is complete
+    monkeypatch.setattr(sampling, "ADAPTIVE_CHECK_EVERY", 10_000)  # every step run
+    full = sampling.sgld(model, x0, y, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(early.x, full.x) and torch.equal(early.steps_taken, full.steps_taken)
+    assert int(full.steps_taken.max()) < 20
+
+
 def test_adaptive_stopping_freezes_a_sample_once_its_energy_is_close_to_the_class_mean():
     model = linear_model()
     x0, y = torch.full((2, 1, 4, 4), 0.5), torch.tensor([0, 0])
@@ -312,7 +329,8 @@ def test_same_seed_same_samples(model_path, tmp_path):
 
 
 def test_sgld_lowers_the_joint_energy_and_finds_the_asked_class(model_path, tmp_path):
-    r = run_sampler(model_path, tmp_path, init="uniform", steps=40, n_per_class=3, classes=None, step_size=0.25)
+    r = run_sampler(model_path, tmp_path, init="uniform", steps=40, n_per_class=3, classes=None, step_size=0.25,
+                    adaptive="off")  # every step: this is SGLD itself at work
     assert float(r.energy_final.mean()) < float(r.energy_initial.mean()) - 1.0
     assert r.fraction_as_asked >= 0.8
 
@@ -348,11 +366,12 @@ def test_the_config_is_what_runs(model_path, tmp_path):
     """Every [sample] setting reaches the sampler: the file's settings and the result's config echo."""
     r = run_sampler(model_path, tmp_path, init=" PCA ", steps=3, n=5, n_per_class=None, classes=None, step_size="1/20", momentum=0.5,
                     pca_variance=0.8, pca_sigma=0.01, pca_scale=0.7, local_neighbours=9,
-                    adaptive_rule="squared", batch_size=2, seed=9)
+                    adaptive=0.5, adaptive_rule="squared", batch_size=2, seed=9)
     _, meta = ckpt.read(tmp_path / "s.safetensors", metadata_only=True)
     settings = json.loads(meta["settings"])
     assert (settings["init"], settings["steps"], settings["momentum"], settings["seed"]) == ("pca", 3, 0.5, 9)
     assert (settings["pca_scale"], settings["local_neighbours"], settings["adaptive_rule"]) == (0.7, 9, "squared")
+    assert settings["adaptive"] == 0.5
     assert meta["checkpoint_sha256"] == settings["checkpoint_sha256"] == file_digest(model_path)  # for --judge's check
     assert settings["step_size"] == pytest.approx(0.05) and settings["alpha"] == pytest.approx(math.sqrt(0.1))
     assert r.labels.tolist() == [0, 1, 2, 3, 4]  # n=5 over 10 classes: one each for the first five

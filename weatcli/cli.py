@@ -487,7 +487,7 @@ def sample(
     pca_scale: Annotated[Optional[float], cfg_option(_SAMPLE, "pca_scale")] = None,
     local_neighbours: Annotated[Optional[int], cfg_option(_SAMPLE, "local_neighbours")] = None,
     init_noise: Annotated[Optional[float], cfg_option(_SAMPLE, "init_noise")] = None,
-    adaptive: Annotated[Optional[float], cfg_option(_SAMPLE, "adaptive")] = None,
+    adaptive: Annotated[Optional[str], cfg_option(_SAMPLE, "adaptive", metavar="T|off")] = None,
     adaptive_rule: Annotated[Optional[str], cfg_option(_SAMPLE, "adaptive_rule")] = None,
     batch_size: Annotated[Optional[int], cfg_option(_SAMPLE, "batch_size")] = None,
     seed: Annotated[Optional[int], cfg_option(_SAMPLE, "seed")] = None,

@@ -403,6 +403,13 @@ SAMPLE_N_PER_CLASS = 10
 PCA_VARIANCE_MAX = 0.9999
 
 
+def _adaptive_off(value: Any) -> Any:
+    """`off` / `none` (any case): no adaptive stopping (TOML and flags have no null)."""
+    if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+        return None
+    return value
+
+
 def _sample_init(value: Any) -> Any:
     """` PCA ` -> `pca`; an unknown name is refused here with the names allowed."""
     if isinstance(value, str):
@@ -457,8 +464,9 @@ class SampleConfig(_Section):
                                   description="same-class training images around the anchor in the local-pca init")
     init_noise: float = Field(0.1, ge=0, allow_inf_nan=False,
                               description="noise init: std of the noise added to the real image")
-    adaptive: float | None = Field(None, allow_inf_nan=False, description="stop a sample once its E(x,y) has reached "
-                                   "its class's mean E(x,y) on the training data, by adaptive_rule with this threshold")
+    adaptive: Annotated[float | None, BeforeValidator(_adaptive_off)] = Field(
+        0.0, allow_inf_nan=False, description="stop a sample once its E(x,y) has reached its class's mean E(x,y) on the "
+        "training data, by adaptive_rule with this threshold T; off runs every step (docs/science.md#adaptive-stopping)")
     adaptive_rule: Literal[ADAPTIVE_RULES] = Field(  # type: ignore[valid-type]
         "below", description="adaptive stopping rule: below, E <= m_y + T (weat's, T in energy units); or squared, (E - m_y)^2 < T (the "
         "authors', T > 0 in squared units)")
@@ -473,7 +481,8 @@ class SampleConfig(_Section):
             raise ValueError("sample.n and sample.n_per_class are both set; expected one of them")
         if self.adaptive_rule == "squared" and self.adaptive is not None and self.adaptive <= 0:
             raise ValueError(f"sample.adaptive {self.adaptive:g} with sample.adaptive_rule squared never stops; "
-                             "expected a threshold > 0 (squared energy units)")
+                             "expected a threshold > 0 (squared energy units; the default 0 is rule below's), "
+                             "or sample.adaptive off")
         return self
 
 

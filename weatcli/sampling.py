@@ -37,6 +37,7 @@ from .runtime import EventFn, Stream, eval_device, generator_for, ignore_event, 
 
 
 INITS = SAMPLE_INITS
+ADAPTIVE_CHECK_EVERY = 10  # SGLD steps between the host's looks at whether every sample has stopped
 INFORMATIVE_JITTER = 1e-4  # Sigma_c + 1e-4 I: keeps the Gaussian proper where a class has no variance
 # The cached per-class SVD keeps the leading components holding this fraction of the class variance;
 # the rest (1e-4 of it) is far below the 1e-4 * D of the informative jitter, so the informative
@@ -88,8 +89,10 @@ def sgld(
     first step where inits.stop_reached(E(x_n, y), stop_energy, threshold, rule=rule): by default
     ("below") E(x_n, y) <= stop_energy + threshold (it has come within the threshold of the
     class-mean energy, or below it), with "squared" (E - stop_energy)^2 < threshold; a per-sample
-    mask, so the loop never waits for the host.
-    `on_step(n)` is called after step n with a Python int (no device sync).
+    mask, and every ADAPTIVE_CHECK_EVERY steps one look from the host ends the loop once every
+    sample has stopped (what it returns is what the remaining steps would return).
+    `on_step(n)` is called after step n with a Python int (no device sync); after an early end,
+    once with `steps`.
     """
     from .inits import STOP_RULES, stop_reached
 
@@ -125,6 +128,10 @@ def sgld(
             else:
                 x = moved
             taken += ~done
+        if adaptive and (n + 1) % ADAPTIVE_CHECK_EVERY == 0 and n + 1 < steps and bool(done.all()):
+            if on_step is not None:
+                on_step(steps)
+            break
         if on_step is not None:
             on_step(n + 1)
     if e_init is None:
