@@ -443,7 +443,7 @@ class SampleConfig(_Section):
     n: int | None = Field(None, ge=1, description="samples in all, split evenly over the classes (instead of n_per_class)")
     classes: str | None = Field(None, description="wanted classes, e.g. 0,3,7 (default all)")
     init: Annotated[Literal[SAMPLE_INITS], BeforeValidator(_sample_init)] = Field(  # type: ignore[valid-type]
-        "informative", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
+        "pca-scaled", description="starting points: uniform (U(0,1)), informative (class Gaussian N(mu_c, Sigma_c + "
         "1e-4 I)), pca (the paper's class-wise PCA), pca-scaled (class-wise PCA at the data's own spread), local-pca "
         "(the journal's PCA of an anchor image's same-class neighbours) or noise (a training image plus Gaussian noise)")
     step_size: Frac = Field(0.1, gt=0, description="the SGLD step eta; fractions allowed")

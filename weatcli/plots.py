@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -468,7 +469,9 @@ def sample_grid(
     scale = max(1, round(900 / max(grid.shape[:2])))
     gw, gh = grid.shape[1] * scale / DPI, grid.shape[0] * scale / DPI  # inches
     left_in = 1.3 if row_labels else 0.15
-    top_in = (0.45 if title else 0.1) + (0.2 if cell_labels else 0.0)
+    # A long title wraps to the figure's width (~9 characters of the default font per inch).
+    lines = textwrap.wrap(title, width=max(20, int((gw + left_in + 0.15) * 9))) if title else []
+    top_in = (0.2 + 0.25 * len(lines) if lines else 0.1) + (0.2 if cell_labels else 0.0)
     fig = Figure(figsize=(gw + left_in + 0.15, gh + top_in + 0.15), dpi=DPI)
     FigureCanvasAgg(fig)
     fw, fh = fig.get_size_inches()
@@ -488,6 +491,6 @@ def sample_grid(
     for spine in ax.spines.values():
         spine.set_visible(False)
     if title:
-        fig.suptitle(title, y=1 - 0.08 / fh, va="top")
+        fig.suptitle("\n".join(lines), y=1 - 0.08 / fh, va="top")
     data = {"title": title, "shape": [n, c, h, w], "nrow": nrow, "rows": rows, "labels": labels, "dtype": dtype}
     return _save(fig, out, data)

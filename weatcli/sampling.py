@@ -613,7 +613,11 @@ def write_outputs(result: SampleResult, out: Path, grid: Path, checkpoint: Path,
               "pca-scaled": f" (r {s.pca_variance:g}, scale {s.pca_scale:g})",
               "local-pca": f" (K {s.local_neighbours}, r {s.pca_variance:g}, scale {s.pca_scale:g})",
               "noise": f" (std {s.init_noise:g})"}.get(s.init, "")
-    title = (f"{checkpoint.parent.name or checkpoint.name}: {s.init} init{detail}, {s.steps} SGLD steps, "
+    steps = f"{s.steps} SGLD steps"
+    if s.adaptive is not None:  # how far the chains went before they reached the class-mean energy
+        steps = (f"SGLD stopped at m_y {s.adaptive:+g} ({s.adaptive_rule}): mean "
+                 f"{float(result.steps_taken.double().mean()):.0f} of {s.steps} steps")
+    title = (f"{checkpoint.parent.name or checkpoint.name}: {s.init} init{detail}, {steps}, "
              f"eta {s.step_size:g}" + (f", momentum {s.momentum:g}" if s.momentum else ""))
     sample_grid(images, grid, nrow=cols, labels=row_labels, title=title)
     result.files["grid"] = str(grid)
