@@ -190,6 +190,9 @@ def test_run_label_comes_from_the_checkpoint(tmp_path):
     ckpt.save(run / "model.safetensors", {"w": torch.zeros(1)}, {"format": ckpt.FORMAT, "method": "imported"})
     assert _run_label(run, set()) == "imported"
     assert _run_label(run, {"imported"}) == "imported (some-run)"
+    (run / "config.toml").write_text('[train]\nmethod = "fgsm-rs"\nder_weight = 1.0\n')
+    (run / "model.safetensors").unlink()
+    assert _run_label(run, set()) == "fgsm-rs + DER"  # a DER run is told apart from its method's plain run
 
 
 def test_plot_run_dir_names_catastrophic_overfitting(tmp_path, capsys):

@@ -698,15 +698,18 @@ def _check_figure_out(out: Path) -> None:
 
 def _run_label(run_dir: Path, taken: set[str]) -> str:
     """A run's label in plots: what its checkpoint says it is (the metadata's method, e.g. "imported"
-    for `weat import`), else its config.toml's train.method, else the directory's name."""
+    for `weat import`), else its config.toml's train.method, else the directory's name; "+ DER"
+    where the run trained with the Delta Energy Regulariser."""
     from . import checkpoint as ckpt_mod
 
     label = run_dir.name
     try:
         if (run_dir / "model.safetensors").is_file():
             label = ckpt_mod.read(run_dir / "model.safetensors", metadata_only=True)[1].get("method") or label
-        elif (run_dir / "config.toml").is_file():
-            label = config_mod.validate(config_mod.read_toml(run_dir / "config.toml")).train.method
+        if (run_dir / "config.toml").is_file():
+            t = config_mod.validate(config_mod.read_toml(run_dir / "config.toml")).train
+            label = label if (run_dir / "model.safetensors").is_file() else t.method
+            label += " + DER" if t.der_weight > 0 else ""
     except WeatInputError:
         pass
     return label if label not in taken else f"{label} ({run_dir.name})"
