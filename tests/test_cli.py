@@ -148,31 +148,35 @@ def test_weat_train_subprocess_prints_the_checkpoint_last(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
-def test_train_display_warns_once_when_phase_3_starts(capsys):
+def _feed_display(method: str, rows: list[dict]) -> None:
+    """A TrainDisplay shown `rows` as a run's epochs (the warnings go to stderr)."""
     display = ui.TrainDisplay()
     with display:
-        display("start", {"epochs": 60, "start_epoch": 0, "method": "pgd-at", "dataset": "digits", "device": "cpu",
-                          "run_dir": "r", "history": []})
-        for e in range(1, 61):
-            delta = min(e, 5) * 0.1 if e <= 40 else 0.5 - (e - 40) * 0.1  # plateau at 0.5, then a collapse
-            row = {"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5, "energy_natural": -3.0,
-                   "energy_adversarial": -3.0 - delta, "delta_energy": delta, "seconds": 1.0}
-            display("epoch", {"row": row, "epochs": 60, "best_epoch": 1})
+        display("start", {"epochs": len(rows), "start_epoch": 0, "method": method, "dataset": "digits",
+                          "device": "cpu", "run_dir": "r", "history": []})
+        for row in rows:
+            display("epoch", {"row": row, "epochs": len(rows), "best_epoch": 1})
+
+
+def test_train_display_warns_once_when_phase_3_starts(capsys):
+    rows = []
+    for e in range(1, 61):
+        delta = min(e, 5) * 0.1 if e <= 40 else 0.5 - (e - 40) * 0.1  # plateau at 0.5, then a collapse
+        rows.append({"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5, "energy_natural": -3.0,
+                     "energy_adversarial": -3.0 - delta, "delta_energy": delta, "seconds": 1.0})
+    _feed_display("pgd-at", rows)
     err = capsys.readouterr().err
     assert err.count("phase 3") == 1 and "left its plateau at epoch 41:" in err
 
 
 def test_train_display_warns_once_on_catastrophic_overfitting(capsys):
-    display = ui.TrainDisplay()
-    with display:
-        display("start", {"epochs": 20, "start_epoch": 0, "method": "fgsm-rs", "dataset": "digits", "device": "cpu",
-                          "run_dir": "r", "history": []})
-        for e in range(1, 21):
-            delta = -0.1 * min(e, 8) if e < 13 else 2.0 + 0.01 * (e % 3)  # single-step AT breaks at epoch 13
-            row = {"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5 if e < 13 else 0.0,
-                   "energy_natural": -3.0, "energy_adversarial": -3.0 - delta, "delta_energy": delta,
-                   "train_attack_accuracy": 0.4 if e < 13 else 0.95, "seconds": 1.0}
-            display("epoch", {"row": row, "epochs": 20, "best_epoch": 1})
+    rows = []
+    for e in range(1, 21):
+        delta = -0.1 * min(e, 8) if e < 13 else 2.0 + 0.01 * (e % 3)  # single-step AT breaks at epoch 13
+        rows.append({"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5 if e < 13 else 0.0,
+                     "energy_natural": -3.0, "energy_adversarial": -3.0 - delta, "delta_energy": delta,
+                     "train_attack_accuracy": 0.4 if e < 13 else 0.95, "seconds": 1.0})
+    _feed_display("fgsm-rs", rows)
     err = capsys.readouterr().err
     assert err.count("catastrophic overfitting") == 1
     assert "catastrophic overfitting at epoch 13: dE(x) jumped -0.800 -> +2.010" in err

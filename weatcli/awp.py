@@ -45,14 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import AWP_METHODS
 from .errors import WeatInputError
 from .models import strip_wrappers
 
 EPS = 1e-20  # the reference's guard against a zero gradient
 DEFAULT_GAMMA = 5e-3
-# Training methods -> which proxy objective AWP ascends.
-TRADES_FAMILY = ("trades", "mail-trades", "weat-adv", "weat-nat")
-SUPPORTED_METHODS = ("pgd-at", *TRADES_FAMILY)
+# Training methods (config.AWP_METHODS) -> which proxy objective AWP ascends: pgd-at's CE, or the
+# TRADES family's KL.
+SUPPORTED_METHODS = AWP_METHODS
+TRADES_FAMILY = tuple(m for m in AWP_METHODS if m != "pgd-at")
 
 ProxyLoss = Callable[[nn.Module], torch.Tensor]
 

@@ -702,16 +702,20 @@ def _run_label(run_dir: Path, taken: set[str]) -> str:
     where the run trained with the Delta Energy Regulariser."""
     from . import checkpoint as ckpt_mod
 
-    label = run_dir.name
+    model, config = run_dir / "model.safetensors", run_dir / "config.toml"
+    label, train = run_dir.name, None
     try:
-        if (run_dir / "model.safetensors").is_file():
-            label = ckpt_mod.read(run_dir / "model.safetensors", metadata_only=True)[1].get("method") or label
-        if (run_dir / "config.toml").is_file():
-            t = config_mod.validate(config_mod.read_toml(run_dir / "config.toml")).train
-            label = label if (run_dir / "model.safetensors").is_file() else t.method
-            label += " + DER" if t.der_weight > 0 else ""
+        if model.is_file():
+            label = ckpt_mod.read(model, metadata_only=True)[1].get("method") or label
+        if config.is_file():
+            train = config_mod.validate(config_mod.read_toml(config)).train
     except WeatInputError:
         pass
+    if train is not None:
+        if not model.is_file():
+            label = train.method
+        if train.der_weight > 0:
+            label += " + DER"
     return label if label not in taken else f"{label} ({run_dir.name})"
 
 

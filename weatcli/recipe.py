@@ -29,13 +29,11 @@ import torch
 from torch import nn
 
 from . import awp
-from .config import AWP_METHODS, RunConfig
+from .config import RunConfig
 from .ema import EMA_PREFIX, WeightEMA
 from .errors import WeatInputError
 from .extra_data import ExtraStream, extra_per_step, open_extra
 from .losses import method_attack
-
-assert tuple(awp.SUPPORTED_METHODS) == AWP_METHODS  # config.py names them without importing torch
 
 
 # ----------------------------------------------------------------------------- checks

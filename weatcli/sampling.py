@@ -10,8 +10,9 @@ journal's local class-wise PCA (inits.py); a real training image plus Gaussian n
 Optional energy-adaptive stopping freezes a sample once E(x, y) has reached the class-mean E(x, y)
 of the training data (inits.stop_reached). The settings and their defaults are config.SampleConfig's.
 
-Engine rules (docs/design.md#engine-rules): batched, gradients w.r.t. the input only, fixed shapes, no host sync,
-garbage collection or cache emptying inside the step loop; randomness from explicit generators.
+Engine rules (docs/design.md#engine-rules): batched, gradients w.r.t. the input only, fixed shapes, no host sync
+(but for adaptive stopping's one look every ADAPTIVE_CHECK_EVERY steps), garbage collection or cache emptying
+inside the step loop; randomness from explicit generators.
 Class statistics (means and per-class SVDs of the training images) are computed once per dataset
 and cached as safetensors under `cache_dir()/stats`.
 """
@@ -94,12 +95,10 @@ def sgld(
     `on_step(n)` is called after step n with a Python int (no device sync); after an early end,
     once with `steps`.
     """
-    from .inits import STOP_RULES, stop_reached
+    from .inits import stop_reached  # which refuses an unknown rule
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    if rule not in STOP_RULES:
-        raise ValueError(f"rule: unknown {rule!r}; expected one of {', '.join(STOP_RULES)}")
     a = math.sqrt(2.0 * step_size) if alpha is None else alpha
     noise_scale = a * noise  # alpha * N(0, sigma^2) = (alpha * sigma) * N(0, 1)
     half_eta = 0.5 * step_size
