@@ -111,6 +111,18 @@ def test_small_cnn_is_small():
     assert _n_params(build("small-cnn", num_classes=10, in_channels=1, image_size=16)) < 150_000
 
 
+def test_small_cnn_wide_is_small_cnn_at_four_times_the_channels():
+    small = build("small-cnn", num_classes=10, in_channels=1, image_size=16)
+    wide = build("small-cnn-wide", num_classes=10, in_channels=1, image_size=16)
+    assert list(small.state_dict()) == list(wide.state_dict())  # the same layers and keys
+    for key, v in small.state_dict().items():
+        w = wide.state_dict()[key]
+        # every channel count 4x (the input's and the classes' excepted)
+        assert [b // a for a, b in zip(v.shape, w.shape)] == [4 if a != b else 1 for a, b in zip(v.shape, w.shape)], key
+    assert _n_params(wide) == 1_482_634
+    assert wide(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+
 def test_build_is_deterministic_given_seed():
     torch.manual_seed(3)
     a = build("small-cnn", num_classes=10, in_channels=1, image_size=16)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from weatcli.errors import WeatInputError
-from weatcli.phases import (Phases, detect_catastrophic_overfitting, detect_phase3, detect_phases,
-                            energy_select_epoch, read_metrics)
+from weatcli.phases import (RECOVERY_EPOCHS, EnergySelection, Phases, co_recovery_epoch,
+                            detect_catastrophic_overfitting, detect_phase3, detect_phases, energy_select_epoch,
+                            energy_selection, read_metrics)
 
 N_EPOCHS, CHANGE = 100, 70
 
@@ -124,7 +125,7 @@ def test_best_epoch_is_argmax_of_robust_accuracy():
 def test_phases_to_dict():
     p = Phases(phase2_start=10, phase3_start=70, plateau_delta=0.5, best_epoch=69, catastrophic_overfitting_epoch=12)
     assert p.to_dict() == {"phase2_start": 10, "phase3_start": 70, "plateau_delta": 0.5, "best_epoch": 69,
-                           "catastrophic_overfitting_epoch": 12}
+                           "catastrophic_overfitting_epoch": 12, "co_recovery_epoch": None}
     assert json.loads(json.dumps(p.to_dict())) == p.to_dict()
     assert Phases(10, 70, 0.5, 69).catastrophic_overfitting_epoch is None
 
@@ -279,6 +280,21 @@ def test_training_attack_accuracy_is_supporting_evidence_only():
         _rows(big, train_attack_accuracy=acc_flat)) == 19
 
 
+def co_recovery_rows(seed: int, *, recover_at: int | None, n: int = 30, at: int = 12) -> list[dict]:
+    """CO at `at`: dE(x) breaks and dE(x,y) rises from about -1 to about +1 (the training attack stops
+    lowering the true class's logit); from `recover_at` (if any) dE(x,y) falls to about -2.5 again
+    and dE(x) settles back near its old level."""
+    rng = np.random.default_rng(seed)
+    ep = np.arange(1, n + 1)
+    delta = co_delta(seed, n=n, at=at, jump=-3.0)
+    joint = np.where(ep < at, -1.0 * (1 - np.exp(-(ep - 1) / 3.0)), 1.0) + rng.normal(0.0, 0.1, n)
+    if recover_at is not None:
+        back = ep >= recover_at
+        delta[back] = -1.8 + rng.normal(0.0, 0.03, back.sum())
+        joint[back] = -2.5 + rng.normal(0.0, 0.1, back.sum())
+    return _rows(delta, delta_joint=joint)
+
+
 def test_energy_select_stops_before_catastrophic_overfitting():
     rows = _rows(co_delta(1, at=18, jump=3.0))
     phases = detect_phases(rows)
@@ -286,6 +302,80 @@ def test_energy_select_stops_before_catastrophic_overfitting():
     assert energy_select_epoch(rows) == 17
     with pytest.raises(ValueError, match="history"):
         detect_catastrophic_overfitting(rows, history=1)
+
+
+def test_a_recovery_from_catastrophic_overfitting_is_seen_and_selected_again():
+    """Unrecovered: --select energy holds the epoch before the break. Recovered (dE(x,y) back below
+    its pre-break level for RECOVERY_EPOCHS epochs in a row): the latest epoch again."""
+    for seed in range(20):
+        stuck = co_recovery_rows(seed, recover_at=None)
+        phases = detect_phases(stuck)
+        assert phases.catastrophic_overfitting_epoch == 12 and phases.co_recovery_epoch is None
+        assert energy_selection(stuck) == EnergySelection(11, "co")
+        rows = co_recovery_rows(seed, recover_at=18)
+        assert co_recovery_epoch(rows, 12) == 18 + RECOVERY_EPOCHS - 1
+        assert detect_phases(rows).co_recovery_epoch == 22
+        assert energy_selection(rows) == EnergySelection(None, None)
+        # Before the fifth recovered epoch the break still holds the selection.
+        assert energy_selection(rows[:21]) == EnergySelection(11, "co")
+
+
+def test_recovery_needs_consecutive_epochs_and_the_joint_gap():
+    rows = co_recovery_rows(0, recover_at=18)
+    rows[19]["delta_joint"] = 1.0  # one epoch where the attack fails again restarts the count
+    assert co_recovery_epoch(rows, 12) == 25
+    no_joint = [{k: v for k, v in r.items() if k != "delta_joint"} for r in rows]
+    assert co_recovery_epoch(no_joint, 12) is None  # older metrics without dE(x,y): no recovery is claimed
+    assert co_recovery_epoch(rows, 12, epochs=0) is None
+
+
+def test_a_second_break_after_recovery_ends_the_selection_again():
+    rows = co_recovery_rows(1, recover_at=16, n=40)
+    for r in rows[30:]:  # a second collapse at epoch 31
+        r["delta_energy"] -= 4.0
+        r["delta_joint"] = 1.0
+    selection = energy_selection(rows)
+    assert selection == EnergySelection(30, "co")
+
+
+# Two real digits-fgsm-rs-co runs (seeds 0 and 1): both overfit catastrophically at epoch 9; seed 1
+# recovers (PGD-20 accuracy back to 37.5% at the end, 40.6% at best), seed 0 does not (3.6%).
+REAL_CO = {
+    "no recovery": dict(
+        delta_energy=[0.004, -0.005, -0.016, -0.028, -0.055, -0.053, -0.091, -0.28, -1.106, -1.187, -1.934, -2.368,
+                      -0.562, -2.117, -3.324, -4.444, -4.118, -9.949, -8.406, -14.059, -17.426, -18.936, -17.634,
+                      -18.867, -18.031, -20.654, -18.765, -19.74, -19.504, -19.497],
+        energy_natural=[-2.384, -2.449, -2.472, -2.499, -2.566, -2.782, -3.221, -4.063, -5.232, -5.707, -7.777, -8.219,
+                        -5.926, -9.083, -9.806, -11.188, -11.224, -17.903, -16.37, -21.89, -25.391, -27.345, -25.871,
+                        -27.448, -26.454, -29.056, -27.327, -28.269, -28.092, -28.115],
+        delta_joint=[-0.061, -0.189, -0.237, -0.306, -0.433, -0.707, -0.967, -1.039, -0.995, -1.438, -0.355, 0.051,
+                     -1.183, -0.258, 0.536, 0.409, -0.078, 1.034, 0.878, 1.165, 1.434, 1.284, 1.184, 1.16, 1.198, 1.269,
+                     1.093, 1.139, 1.127, 1.146],
+        train_attack_accuracy=[0.059, 0.078, 0.199, 0.246, 0.297, 0.301, 0.328, 0.391, 0.543, 0.547, 0.727, 0.754,
+                               0.582, 0.77, 0.895, 0.918, 0.707, 0.988, 0.938, 0.945, 0.988, 1.0, 0.988, 1.0, 0.992,
+                               0.984, 1.0, 1.0, 1.0, 1.0]),
+    "recovery": dict(
+        delta_energy=[0.002, -0.004, -0.014, -0.032, -0.045, -0.043, -0.244, -0.204, -0.976, -2.503, -4.261, 2.769,
+                      -1.053, -1.459, -1.228, -1.288, -1.405, -1.559, -1.716, -1.688, -1.821, -2.025, -2.001, -2.115,
+                      -2.097, -2.085, -2.212, -2.179, -2.197, -2.197],
+        energy_natural=[-2.375, -2.466, -2.495, -2.5, -2.543, -2.677, -3.137, -3.757, -5.228, -7.787, -10.252, -6.537,
+                        -5.419, -5.626, -5.263, -5.667, -5.683, -5.866, -6.241, -6.608, -6.623, -7.019, -7.017, -7.189,
+                        -7.236, -7.313, -7.544, -7.509, -7.584, -7.59],
+        delta_joint=[-0.061, -0.185, -0.212, -0.27, -0.362, -0.586, -0.833, -1.119, -0.691, 0.076, 0.249, -4.547,
+                     -2.599, -2.53, -2.179, -2.221, -2.329, -2.356, -2.404, -2.375, -2.405, -2.581, -2.579, -2.61,
+                     -2.597, -2.52, -2.643, -2.587, -2.603, -2.597],
+        train_attack_accuracy=[0.066, 0.082, 0.172, 0.281, 0.27, 0.305, 0.359, 0.328, 0.555, 0.789, 0.867, 0.117,
+                               0.246, 0.469, 0.547, 0.555, 0.551, 0.594, 0.695, 0.695, 0.738, 0.77, 0.738, 0.785,
+                               0.785, 0.809, 0.816, 0.832, 0.832, 0.836]),
+}
+
+
+def test_real_co_runs_recovered_and_not():
+    rows = {name: [{"epoch": i + 1, **{k: v[i] for k, v in c.items()}} for i in range(30)] for name, c in REAL_CO.items()}
+    stuck, recovered = detect_phases(rows["no recovery"]), detect_phases(rows["recovery"])
+    assert stuck.catastrophic_overfitting_epoch == recovered.catastrophic_overfitting_epoch == 9
+    assert stuck.co_recovery_epoch is None and energy_selection(rows["no recovery"]) == EnergySelection(8, "co")
+    assert recovered.co_recovery_epoch == 16 and energy_selection(rows["recovery"]) == EnergySelection(None, None)
 
 
 # Real single-step digits runs (fgsm-rs alpha 2, n-fgsm) whose PGD-20 accuracy rose to its

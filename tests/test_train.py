@@ -11,6 +11,7 @@ from weatcli import checkpoint as ckpt
 from weatcli import losses, train
 from weatcli.config import resolve
 from weatcli.errors import WeatInputError, WeatRunError
+from weatcli.phases import EnergySelection
 from weatcli.train import Interrupt, TrainingInterrupted, fit, lr_at
 
 ROW_KEYS = {"epoch", "lr", "train_loss", "clean_accuracy", "robust_accuracy", "energy_natural", "energy_adversarial",
@@ -189,7 +190,8 @@ def test_missing_dataset_is_bad_input(tmp_path):
 
 def test_select_energy_holds_the_epoch_before_phase_3(tmp_path, monkeypatch):
     # Phase 3 "detected" once 3 epochs exist, starting at epoch 3: the model must be epoch 2's.
-    monkeypatch.setattr(train, "energy_select_epoch", lambda rows: 2 if len(rows) >= 3 else None)
+    monkeypatch.setattr(train, "energy_selection",
+                        lambda rows: EnergySelection(2, "phase3") if len(rows) >= 3 else EnergySelection(None, None))
     monkeypatch.setattr(train, "SNAPSHOTS", 2)
     result = fit(tiny_config(tmp_path, **{"train.epochs": 4, "train.select": "energy"}))
     run = tmp_path / "run"
@@ -201,9 +203,30 @@ def test_select_energy_holds_the_epoch_before_phase_3(tmp_path, monkeypatch):
 
 
 def test_select_energy_without_phase_3_keeps_the_latest_epoch(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "energy_select_epoch", lambda rows: None)
+    monkeypatch.setattr(train, "energy_selection", lambda rows: EnergySelection(None, None))
     result = fit(tiny_config(tmp_path, **{"train.epochs": 2, "train.select": "energy"}))
     assert result.best_epoch == 2 and ckpt.load(result.checkpoint).epoch == 2
+
+
+def test_select_energy_holds_through_catastrophic_overfitting_and_follows_a_recovery(tmp_path, monkeypatch):
+    """CO "flagged" at epoch 3 (hold epoch 2) and recovered from at epoch 5: epoch 2's weights are
+    held while the selection says so, longer than the snapshot ring, then the latest epoch again."""
+    seen: dict[int, int] = {}
+
+    def selection(rows):
+        return EnergySelection(2, "co") if 3 <= len(rows) < 5 else EnergySelection(None, None)
+
+    def spy(run, progress, *, row):
+        real_select(run, progress, row=row)
+        seen[row["epoch"]] = ckpt.load(run.run_dir / "model.safetensors").epoch
+
+    real_select = train._select_and_save
+    monkeypatch.setattr(train, "energy_selection", selection)
+    monkeypatch.setattr(train, "SNAPSHOTS", 2)  # at epoch 4 the ring (3, 4) no longer has epoch 2
+    monkeypatch.setattr(train, "_select_and_save", spy)
+    result = fit(tiny_config(tmp_path, **{"train.epochs": 6, "train.select": "energy"}))
+    assert seen == {1: 1, 2: 2, 3: 2, 4: 2, 5: 5, 6: 6}
+    assert result.best_epoch == 6
 
 
 def test_restored_momentum_takes_its_weights_memory_layout():

@@ -69,6 +69,7 @@ class TrainDisplay(ProgressDisplay):
         self.rows: list[dict[str, Any]] = []
         self.phase3: int | None = None
         self.co: int | None = None  # catastrophic overfitting, warned about once
+        self.recovered: int | None = None  # ... and the recovery from it, told once
 
     def __call__(self, kind: str, p: dict[str, Any]) -> None:
         if kind == "start":
@@ -95,7 +96,7 @@ class TrainDisplay(ProgressDisplay):
         from .phases import detect_phases
 
         self.rows.append(row)
-        if self.phase3 is not None and self.co is not None:
+        if self.phase3 is not None and self.recovered is not None:
             return
         phases = detect_phases(self.rows)
         if self.phase3 is None:
@@ -108,6 +109,12 @@ class TrainDisplay(ProgressDisplay):
             if self.co is not None:
                 self._print(f"weat: warning: catastrophic overfitting at epoch {self.co}: {_co_text(self.rows, self.co)}; "
                             "--select energy keeps the epoch before it")
+        if self.co is not None and self.recovered is None:
+            self.recovered = phases.co_recovery_epoch
+            if self.recovered is not None:
+                self._print(f"weat: training recovered from catastrophic overfitting by epoch {self.recovered} "
+                            "(the training attack lowers the true class's logit again); --select energy follows the "
+                            "latest epoch again")
 
 
 

@@ -12,6 +12,7 @@ Global pooling is adaptive everywhere, so one net serves 32x32 CIFAR and 64x64 T
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -315,14 +316,17 @@ def dm_default_normalization(num_classes: int, in_channels: int) -> tuple[tuple[
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU stages (32, 64, 128 channels; two stride-2), ~95k parameters.
+    """Three conv-BN-ReLU stages (32, 64, 128 channels times `width`; two stride-2), ~95k parameters
+    at width 1.
 
-    Small enough to adversarially train on a CPU in seconds, yet BN keeps it easy to optimise.
+    Small enough to adversarially train on a CPU in seconds, yet BN keeps it easy to optimise. At
+    width 4 (`small-cnn-wide`, ~1.5M parameters) it has the capacity to memorise a small training
+    set adversarially, which robust overfitting needs.
     """
 
-    def __init__(self, *, num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1, width: int = 1):
         super().__init__()
-        chans = (in_channels, 32, 64, 128)
+        chans = (in_channels, 32 * width, 64 * width, 128 * width)
         strides = (1, 2, 2)
         self.body = nn.Sequential(
             *(
@@ -384,6 +388,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "wrn-28-10-swish": _dm_wrn(28, 10),
     "wrn-70-16-swish": _dm_wrn(70, 16),
     "small-cnn": SmallCNN,
+    "small-cnn-wide": functools.partial(SmallCNN, width=4),
 }
 
 # Archs whose net normalises its input itself (RobustBench's DMWideResNet): build() hands
@@ -401,6 +406,7 @@ _MIN_IMAGE_SIZE: dict[str, int] = {
     "wrn-28-10-swish": 8,
     "wrn-70-16-swish": 8,
     "small-cnn": 4,
+    "small-cnn-wide": 4,
 }
 
 

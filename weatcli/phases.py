@@ -36,7 +36,8 @@ phase 1, an established plateau and `sustain` epochs of excursion gives None.
 
 Catastrophic overfitting (`detect_catastrophic_overfitting`) is a different shape: a break of
 dE(x) out of its recent range within one or two epochs, of many robust sigmas of its epoch-to-epoch
-changes, kept the next epoch. See that function for the rule.
+changes, kept the next epoch. See that function for the rule. A run can recover from it
+(`co_recovery_epoch`): the training attack works again for several epochs in a row.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ CO_REL_FLOOR = 0.02  # the change scale is at least 2% of the recent |dE(x)| (a 
 CO_ENERGY_FLOOR = 0.02  # ... and 2% of the recent |E(x)| where the rows have it: phase 1 leaving a flat start is no break
 CO_STARTED = 0.05  # no break counts before dE(x) has once moved 5% of |E(x)| from its first value (phase 1 has begun)
 CO_KEEP = 0.5  # confirmation: the epoch after the break is still beyond half of it
+RECOVERY_EPOCHS = 5  # CO is over after this many epochs in a row where the training attack works again
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Phases:
     plateau_delta: float | None  # plateau level of mean dE(x) (energy units), median over phase 2
     best_epoch: int | None  # epoch of best test robust accuracy, where the rows have it
     catastrophic_overfitting_epoch: int | None = None  # first epoch of a sharp break of dE(x) (single-step AT)
+    co_recovery_epoch: int | None = None  # the run had recovered from that overfitting by this epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -404,16 +407,72 @@ def detect_phases(rows: list[dict], *, min_plateau: int = 8, window: int = 3, su
     if phase2 is None and scan.plateau is not None and len(rob) == 0:
         phase2 = int(e_delta[scan.plateau])
     best = int(e_rob[int(np.argmax(rob))]) if len(rob) else None
+    co = detect_catastrophic_overfitting(rows)
     return Phases(phase2_start=phase2, phase3_start=phase3, plateau_delta=scan.level, best_epoch=best,
-                  catastrophic_overfitting_epoch=detect_catastrophic_overfitting(rows))
+                  catastrophic_overfitting_epoch=co,
+                  co_recovery_epoch=None if co is None else co_recovery_epoch(rows, co))
+
+
+def co_recovery_epoch(rows: list[dict], co_epoch: int, *, epochs: int = RECOVERY_EPOCHS) -> int | None:
+    """The epoch by which a run has recovered from catastrophic overfitting flagged at `co_epoch`,
+    or None (not yet, or the rows lack `delta_joint`).
+
+    During CO the single-step training attack stops finding adversarial points: dE(x,y) =
+    E(x,y) - E(x*,y) rises to 0 or above (x* no longer lowers the true class's logit). Training
+    can leave that state again (with a falling learning rate it often does, and PGD accuracy comes
+    back). Recovered: `epochs` consecutive epochs after `co_epoch` with dE(x,y) at or below its
+    value at the epoch before `co_epoch` - the attack lowers the true class's logit at least as
+    much as it did before the break. The last of those epochs is returned.
+    """
+    e, dj = _column(rows, "delta_joint")
+    before = [v for ep, v in zip(e.tolist(), dj.tolist()) if ep < co_epoch]
+    if not before or epochs < 1:
+        return None
+    reference, run = before[-1], 0
+    for ep, v in zip(e.tolist(), dj.tolist()):
+        if ep <= co_epoch:
+            continue
+        run = run + 1 if v <= reference else 0
+        if run == epochs:
+            return int(ep)
+    return None
+
+
+@dataclass(frozen=True)
+class EnergySelection:
+    """What `--select energy` keeps: `epoch` (None: the latest one) and why it stopped there."""
+
+    epoch: int | None
+    ended_by: str | None  # "phase3", "co" (catastrophic overfitting, not recovered from) or None
+
+
+def energy_selection(rows: list[dict]) -> EnergySelection:
+    """Model selection without held-out data: the last epoch before phase 3 or catastrophic
+    overfitting, whichever comes first, or the latest epoch when neither is seen.
+
+    A run that recovers from catastrophic overfitting (`co_recovery_epoch`) is selected afresh from
+    the recovered epochs on, as if it had started there: a later phase 3 or CO ends it again. So
+    an unrecovered collapse keeps the epoch before it, a recovered one the latest model.
+    """
+    phases = detect_phases(rows)
+    co, p3 = phases.catastrophic_overfitting_epoch, phases.phase3_start
+    if co is not None and (p3 is None or co <= p3):
+        recovered = phases.co_recovery_epoch
+        before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < co]
+        if recovered is None:
+            return EnergySelection(max(before) if before else None, "co")
+        start = recovered - RECOVERY_EPOCHS + 1  # the first epoch of the recovered run
+        tail = [r for r in rows if int(r["epoch"]) >= start]
+        again = energy_selection(tail)
+        if again.ended_by is not None and again.epoch is None:  # it ended at once: its first epoch
+            return EnergySelection(start, again.ended_by)
+        return again
+    if p3 is None:
+        return EnergySelection(None, None)
+    before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < p3]
+    return EnergySelection(max(before) if before else None, "phase3")
 
 
 def energy_select_epoch(rows: list[dict]) -> int | None:
-    """The last epoch before phase 3 or catastrophic overfitting, whichever comes first (model
-    selection without held-out data); None if neither is seen."""
-    phases = detect_phases(rows)
-    ends = [p for p in (phases.phase3_start, phases.catastrophic_overfitting_epoch) if p is not None]
-    if not ends:
-        return None
-    before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < min(ends)]
-    return max(before) if before else None
+    """`energy_selection(rows).epoch`: the epoch --select energy keeps, None for the latest."""
+    return energy_selection(rows).epoch

@@ -271,7 +271,7 @@ def training_dynamics(
         ph_dict = None
         if ph is not None:
             ph_dict = {k: _phase_value(ph, k) for k in ("phase2_start", "phase3_start", "plateau_delta", "best_epoch",
-                                                        "catastrophic_overfitting_epoch")}
+                                                        "catastrophic_overfitting_epoch", "co_recovery_epoch")}
             _draw_phases(ax, ax_e, text_at, ph_dict, epochs, c, row=i)
         data[label] = {"epoch": epochs, "robust_error": error, "delta_energy": delta, "phases": ph_dict}
 
@@ -311,6 +311,11 @@ def _draw_phases(ax, ax_e, text_at, ph: dict, epochs: list[int], colour: str, *,
     if co is not None:  # catastrophic overfitting: a dash-dot line and its label below the phase names
         ax.axvline(co, color=colour, linestyle="-.", linewidth=1.3)
         ax.text(co, y - 0.04, " CO", transform=text_at, ha="left", va="top", fontsize="x-small", color=colour)
+    recovered = ph.get("co_recovery_epoch")
+    if co is not None and recovered is not None:  # ... and the epoch by which training had recovered from it
+        ax.axvline(recovered, color=colour, linestyle="-.", linewidth=0.8, alpha=0.6)
+        ax.text(recovered, y - 0.04, " recovered", transform=text_at, ha="left", va="top", fontsize="x-small",
+                color=colour)
     for name, a, b in zip(names, bounds[:-1], bounds[1:]):
         ax.text((a + b) / 2, y, name, transform=text_at, ha="center", va="top", fontsize="x-small", color=colour,
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.0})

@@ -33,7 +33,7 @@ from .errors import WeatInputError, WeatRunError
 from .fileio import atomic_write_text, remove_stale_temps
 from .losses import LOSSES, Loss, method_attack
 from .models import ARCHS, build, keep_ends_in_fp32
-from .phases import detect_phases, energy_select_epoch
+from .phases import detect_phases, energy_selection
 from .runtime import EventFn, Stream, configure_backends, generator_for, ignore_event, resolve_device
 
 SYNC_EVERY = 10  # batches between host syncs (progress display and the non-finite-loss check)
@@ -68,8 +68,8 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The `weat train --json` object; phase3_epoch and catastrophic_overfitting_epoch are read
-        from the whole history by phases.detect_phases (None: not seen)."""
+        """The `weat train --json` object; phase3_epoch, catastrophic_overfitting_epoch and
+        co_recovery_epoch are read from the whole history by phases.detect_phases (None: not seen)."""
         phases = detect_phases(self.history)
         return {
             "checkpoint": str(self.checkpoint),
@@ -81,6 +81,7 @@ class FitResult:
             "seconds": round(self.seconds, 3),
             "phase3_epoch": phases.phase3_start,
             "catastrophic_overfitting_epoch": phases.catastrophic_overfitting_epoch,
+            "co_recovery_epoch": phases.co_recovery_epoch,
         }
 
 
@@ -696,8 +697,10 @@ def _select_by_accuracy(run_dir: Path, model: nn.Module, cfg: RunConfig, row: di
 
 def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: list[dict[str, Any]],
                       best: dict[str, Any], meta_common: dict[str, int]) -> dict[str, Any]:
-    """--select energy: model.safetensors follows the latest epoch until phase 3 is detected in the
-    dE(x) series, then holds the epoch just before it. No held-out accuracy is consulted."""
+    """--select energy: model.safetensors follows the latest epoch until phase 3 or catastrophic
+    overfitting is detected in the energies, then holds the epoch just before it. Phase 3 is final;
+    a run that recovers from catastrophic overfitting is followed again (phases.energy_selection).
+    No held-out accuracy is consulted."""
     row = history[-1]
     epoch = row["epoch"]
     snap_dir = run_dir / "snapshots"
@@ -708,18 +711,21 @@ def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: 
         old.unlink()
     if best.get("fixed"):
         return best
-    chosen = energy_select_epoch(history)
-    if chosen is None:  # no phase 3 yet: the latest epoch is the candidate
+    selection = energy_selection(history)
+    if selection.epoch is None:  # nothing ended the run (or it recovered): the latest epoch is the candidate
         _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
         return {"epoch": epoch, "robust_accuracy": row["robust_accuracy"], "clean_accuracy": row["clean_accuracy"], "score": 0.0}
+    held = {"fixed": True} if selection.ended_by == "phase3" else {"held": selection.ended_by}
+    if best.get("held") and best["epoch"] == selection.epoch:  # already holding it
+        return {**best, **held}
     snaps = sorted(snap_dir.glob("epoch-*.safetensors"))
     # The snapshot of the chosen epoch, or the oldest one kept if detection lagged beyond the ring.
-    pick = next((p for p in snaps if int(p.stem.split("-")[1]) >= chosen), snaps[0])
+    pick = next((p for p in snaps if int(p.stem.split("-")[1]) >= selection.epoch), snaps[0])
     tensors, meta = ckpt.read(pick)
     _write_checkpoint(run_dir / "model.safetensors", tensors, meta)
     chosen_row = next(r for r in history if r["epoch"] == int(meta["epoch"]))
     return {"epoch": chosen_row["epoch"], "robust_accuracy": chosen_row["robust_accuracy"],
-            "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, "fixed": True,
+            "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, **held,
             "phase3_detected_at": epoch}
 
 
