@@ -181,3 +181,16 @@ def test_train_display_warns_once_on_catastrophic_overfitting(capsys):
     assert err.count("catastrophic overfitting") == 1
     assert "catastrophic overfitting at epoch 13: dE(x) jumped -0.800 -> +2.010" in err
     assert "accuracy under the training attack 40% -> 95%" in err and "--select energy keeps the epoch before it" in err
+
+
+def test_train_display_says_once_when_training_recovers_from_catastrophic_overfitting(capsys):
+    rows = []
+    for e in range(1, 31):
+        delta = -0.1 * min(e, 8) if e < 13 else 2.0 + 0.01 * (e % 3) if e < 18 else -1.0 - 0.01 * (e % 2)
+        joint = -1.0 if e < 13 else 0.5 if e < 18 else -2.0  # the attack fails during CO, works again from 18
+        rows.append({"epoch": e, "train_loss": 1.0, "clean_accuracy": 0.9, "robust_accuracy": 0.5, "energy_natural": -3.0,
+                     "energy_adversarial": -3.0 - delta, "delta_energy": delta, "delta_joint": joint, "seconds": 1.0})
+    _feed_display("fgsm-rs", rows)
+    err = capsys.readouterr().err
+    assert err.count("catastrophic overfitting at epoch 13") == 1
+    assert err.count("recovered") == 1 and "recovered from catastrophic overfitting by epoch 22" in err

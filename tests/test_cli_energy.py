@@ -210,3 +210,12 @@ def test_plot_run_dir_names_catastrophic_overfitting(tmp_path, capsys):
     assert json.loads(out)["phases"]["fgsm-rs"]["catastrophic_overfitting_epoch"] == 13
     assert json.loads(fig.with_suffix(".json").read_text())["fgsm-rs"]["phases"]["catastrophic_overfitting_epoch"] == 13
     _png_ok(fig)
+    # With dE(x,y) back below its pre-break level from epoch 15: recovered by epoch 19.
+    for r in rows:
+        r["delta_joint"] = -1.0 if r["epoch"] < 13 else 0.5 if r["epoch"] < 15 else -2.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli(["energy", "plot", str(run), "-o", str(fig), "--json"], capsys)
+    assert code == 0, err
+    assert "catastrophic overfitting at epoch 13, recovered by epoch 19; best robust epoch 1" in err
+    assert json.loads(out)["phases"]["fgsm-rs"]["co_recovery_epoch"] == 19
+    _png_ok(fig)

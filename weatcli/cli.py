@@ -736,6 +736,8 @@ def _plot_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
         where = f"phase 3 (robust overfitting) from epoch {p.phase3_start}" if p.phase3_start else "no phase 3 detected"
         if p.catastrophic_overfitting_epoch is not None:
             where += f"; catastrophic overfitting at epoch {p.catastrophic_overfitting_epoch}"
+            if p.co_recovery_epoch is not None:
+                where += f", recovered by epoch {p.co_recovery_epoch}"
         err.print(f"{label}: {where}; best robust epoch {p.best_epoch}", markup=False, soft_wrap=True)
     plots.training_dynamics(runs, out, phases=phases, title="training dynamics")
     # The runs' metrics are plotted as recorded: no config section is used.
