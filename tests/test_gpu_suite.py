@@ -45,7 +45,8 @@ def test_quick_suite_on_the_cpu_gives_every_figure_or_its_error(tmp_path):
         assert (isinstance(value, float) and math.isfinite(value)) or name in errors, name
     # What needs nothing beyond the project ran to a figure (pgd needs torchattacks; the fraction of
     # peak and peak memory exist on CUDA only).
-    for name in ("train_step_ratio", "epoch_seconds", "sgld_10k_200_seconds", "cli_epoch_seconds"):
+    for name in ("train_step_ratio", "epoch_seconds", "sgld_10k_200_seconds", "cli_epoch_seconds",
+                 "single_step_30_epochs_seconds"):
         assert isinstance(figures[name], float) and figures[name] > 0, (name, errors.get(name))
     assert "CUDA only" in errors["peak_memory_ratio"] and "no dense peak" in errors["bf16_peak_fraction"]
     assert list(data["parts"]) == parts
