@@ -568,6 +568,44 @@ def test_train_per_class_reaches_the_training_loop(tmp_path):
     assert start["batches"] == 3  # 10 classes x 3 images, batches of 10
 
 
+def test_label_noise_changes_the_asked_fraction_of_training_labels_to_other_classes():
+    ds = data.load("digits")
+    noisy = data.noisy_labels(ds, 0.2)
+    changed = noisy.train_y != ds.train_y
+    assert int(changed.sum()) == round(0.2 * len(ds.train_y))  # exactly that many, each to a wrong class
+    assert torch.equal(noisy.train_x, ds.train_x) and noisy.test_y is ds.test_y  # images and the test split: as they were
+    # The wrong classes are spread over all the others (symmetric noise), not one fixed shift.
+    shifts = ((noisy.train_y - ds.train_y) % 10)[changed]
+    assert set(shifts.tolist()) == set(range(1, 10))
+    assert torch.equal(data.noisy_labels(ds, 0.2).train_y, noisy.train_y)  # the same labels every time
+    assert data.noisy_labels(ds, 0.0) is ds
+    with pytest.raises(ValueError, match="label noise"):
+        data.noisy_labels(ds, 1.0)
+
+
+def test_label_noise_reaches_the_training_loop_and_is_validated(tmp_path, monkeypatch):
+    from weatcli.config import resolve
+    from weatcli.errors import WeatInputError
+    from weatcli.train import fit
+
+    with pytest.raises(WeatInputError, match="label_noise"):
+        resolve(preset="digits-standard", overrides={"data.label_noise": 1.5})
+    seen = []
+
+    def spy(ds, fraction):
+        out = real(ds, fraction)
+        seen.append((len(ds.train_y), fraction, int((out.train_y != ds.train_y).sum())))
+        return out
+
+    real = data.noisy_labels
+    monkeypatch.setattr(data, "noisy_labels", spy)
+    cfg = resolve(preset="digits-standard", overrides={
+        "data.train_per_class": 3, "data.label_noise": 0.5, "train.epochs": 1, "train.batch_size": 10,
+        "train.eval_n": 20, "train.energy_n": 20, "train.device": "cpu", "train.out": str(tmp_path / "run")})
+    fit(cfg)
+    assert seen == [(30, 0.5, 15)]  # applied to the 30 images of the per-class subset
+
+
 def test_to_float():
     x = torch.tensor([0, 51, 255], dtype=torch.uint8)
     assert torch.equal(data.to_float(x), torch.tensor([0.0, 0.2, 1.0]))

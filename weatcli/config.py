@@ -120,6 +120,9 @@ class DataConfig(_Section):
     flip: bool = Field(True, description="random horizontal flip (turn off for digits: mirrored digits are other glyphs)")
     train_per_class: int | None = Field(None, ge=1, description="train on at most this many training images of each "
                                         "class, the first in file order (a small-data study; the test split is whole)")
+    label_noise: float = Field(0.0, ge=0, lt=1, description="replace this fraction of the training labels by a "
+                               "different class drawn uniformly, the same images and labels whatever train.seed "
+                               "(symmetric label noise, a robust-overfitting study; the test split is clean)")
     # Generated training data (docs/science.md#extra-data), read by weatcli/extra_data.py.
     extra_data: str | None = Field(None, description="generated training images: an uncompressed np.savez .npz with "
                                    "image (N, H, W, C) uint8 and label (N,), memory-mapped (e.g. the DM-AT 1M EDM file)")

@@ -518,6 +518,28 @@ def first_per_class(ds: Dataset, n: int | None) -> Dataset:
     return replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
 
 
+LABEL_NOISE_SEED = 1  # fixed: every run with the same data settings gets the same noisy labels
+
+
+def noisy_labels(ds: Dataset, fraction: float) -> Dataset:
+    """`ds` with round(fraction * N) of its training labels replaced by a different class drawn
+    uniformly (symmetric label noise; Dong et al. 2022 tie robust overfitting to memorising such
+    labels). Which images and which wrong classes come from LABEL_NOISE_SEED alone, so every run on
+    the same data sees the same labels. The test split is untouched; 0 returns `ds` itself."""
+    if fraction == 0:
+        return ds
+    if not 0 < fraction < 1:
+        raise ValueError(f"label noise fraction must be in [0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(LABEL_NOISE_SEED)
+    n = len(ds.train_y)
+    flip = torch.randperm(n, generator=g)[: round(fraction * n)]
+    # A shift of 1 .. K-1 classes: uniform over the K-1 wrong classes, never the true one.
+    shift = torch.randint(1, ds.num_classes, (len(flip),), generator=g)
+    y = ds.train_y.clone()
+    y[flip.to(y.device)] = (y[flip.to(y.device)] + shift.to(y.device)) % ds.num_classes
+    return replace(ds, train_y=y)
+
+
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1], same shape and device."""
     return x_uint8.float().div_(255)

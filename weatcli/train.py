@@ -289,6 +289,7 @@ def fit(
                                  f"the {ctx.world} ranks")
         dataset = data_mod.load(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download, device=device)
         dataset = data_mod.first_per_class(dataset, cfg.data.train_per_class)
+        dataset = data_mod.noisy_labels(dataset, cfg.data.label_noise)
         recipe_mod.check_extra(cfg, dataset)  # before the run directory exists
         if resume is None:  # rank 0 names (and creates) the run directory, the others follow
             run_dir = Path(dist_mod.broadcast_object(str(_new_run_dir(cfg)) if ctx.main else None))
