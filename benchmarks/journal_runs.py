@@ -16,6 +16,7 @@ their metrics.jsonl with weatcli.phases):
         per seed (best and last PGD-20, time); pgd-at with and without DER at the same eps (PGD_AT_015:
         no crops, no weight decay, 50 epochs multistep, a long stretch at lr 0.01 after the first decay,
         where robust overfitting would show; on digits it did not).
+  dersweep  DER's lambda and gamma on the CO setting, seed 0 (DER_SWEEP; in the DER tables).
   ro    Robust overfitting and the phase-3 detector (with the pgd-at runs of `der`):
         the issue's failure case `--preset digits-pgd-at --epochs 120 --set train.schedule=multistep
         --select energy`; `digits-trades` and `digits-weat` (40 epochs) for false alarms.
@@ -48,10 +49,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from weatcli.phases import detect_phases, energy_select_epoch, read_metrics  # noqa: E402
+from weatcli.phases import detect_phases, energy_selection, read_metrics  # noqa: E402
 
-PARTS = ("time", "co", "der", "ro")
-TARGET = 0.70  # time to robustness: PGD-20 accuracy on the 360 digits test images
+PARTS = ("time", "co", "der", "dersweep", "ro")
+DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) besides the preset's (1, 0)
+TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
 COLLAPSE = 0.10  # catastrophic overfitting: PGD-20 accuracy below 10% of its best so far
 
 
@@ -92,6 +94,11 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"der-pgd-at-s{i}", "der", [*PGD_AT_015, "--seed", str(i)], "pgd-at", i) for i in s]
         runs += [Run(f"der-pgd-at-der-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0"],
                      "pgd-at + DER", i) for i in s]
+    if "dersweep" in parts:
+        runs += [Run(f"dersweep-l{lam:g}-g{gamma:g}-s0", "dersweep",
+                     ["--preset", "digits-fgsm-rs-der", "--set", f"train.der_weight={lam:g}",
+                      "--set", f"train.der_margin={gamma:g}", "--seed", "0"], f"fgsm-rs + DER (lambda {lam:g}, gamma {gamma:g})")
+                 for lam, gamma in DER_SWEEP]
     if "ro" in parts:
         runs += [Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
                  Run("ro-weat", "ro", ["--preset", "digits-weat", "--select", "energy"], "digits-weat")]
@@ -151,6 +158,22 @@ def execute(run: Run, out: Path, *, threads: int, jobs: int, fresh: bool) -> dic
     return result
 
 
+def attack_full(result: dict[str, Any], out: Path, *, threads: int) -> dict[str, Any]:
+    """The run's model under `weat attack` PGD-20 and APGD-CE on the whole digits test split (360
+    images): the time-to-robustness runs evaluate a third of it each epoch. Saved into the result."""
+    if "full_test" in result:
+        return result
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    ckpt = result["summary"]["checkpoint"]
+    cmd = [sys.executable, "-m", "weatcli", "attack", ckpt, "-a", "pgd", "-a", "apgd-ce", "--steps", "20",
+           "--n", "360", "--json"]
+    proc = subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    report = json.loads(proc.stdout)
+    result["full_test"] = {"command": "weat attack " + shlex.join(cmd[4:]), "report": report}
+    (out / f"{result['name']}.result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 # ----------------------------------------------------------------------------- reading a run
 
 
@@ -175,7 +198,7 @@ def analyse(result: dict[str, Any], out: Path) -> dict[str, Any]:
         elapsed += r["seconds"]
         if reached is None and r["robust_accuracy"] >= TARGET:
             reached = {"epoch": r["epoch"], "seconds": round(elapsed, 1)}
-    chosen = energy_select_epoch(rows)
+    chosen = energy_selection(rows).epoch or rows[-1]["epoch"]  # None: the latest epoch
     by_epoch = {r["epoch"]: r for r in rows}
     collapse = collapse_epoch(rows)
     co = ph.catastrophic_overfitting_epoch
@@ -185,10 +208,10 @@ def analyse(result: dict[str, Any], out: Path) -> dict[str, Any]:
         "last_robust": rob[-1], "last_clean": rows[-1]["clean_accuracy"],
         "selected_robust": result["summary"]["robust_accuracy"], "selected_epoch": result["summary"]["best_epoch"],
         "phase2_start": ph.phase2_start, "phase3_start": ph.phase3_start, "plateau_delta": ph.plateau_delta,
-        "co_epoch": co, "collapse_epoch": collapse,
+        "co_epoch": co, "co_recovery_epoch": ph.co_recovery_epoch, "collapse_epoch": collapse,
         "co_minus_collapse": None if co is None or collapse is None else co - collapse,
         "energy_select_epoch": chosen,
-        "energy_select_robust": None if chosen is None else by_epoch[chosen]["robust_accuracy"],
+        "energy_select_robust": by_epoch[chosen]["robust_accuracy"],
         "reached_70": reached,
         "train_seconds_per_epoch": statistics.median(r["train_seconds"] for r in rows),
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows),
@@ -276,13 +299,20 @@ def tables(results: list[dict[str, Any]], timing: dict[str, Any] | None) -> str:
     if by_part.get("time") or timing:
         md += ["### Time to robustness", "",
                "| run | epochs | wall s | first epoch >= 70% PGD-20 (s into training) | last PGD-20 | last clean | "
-               "train s/epoch | s/epoch with evaluation |", "|---|---|---|---|---|---|---|---|"]
+               "all 360 test images: clean / PGD-20 / APGD-CE / worst (`weat attack`) | train s/epoch | "
+               "s/epoch with evaluation |", "|---|---|---|---|---|---|---|---|---|"]
         for r in by_part.get("time", []):
             a = r["analysis"]
             reached = "not reached" if a["reached_70"] is None else f"{a['reached_70']['epoch']} ({a['reached_70']['seconds']:.0f} s)"
+            full = "-"
+            if "full_test" in r:
+                rep = r["full_test"]["report"]
+                full = " / ".join(_pct(v) for v in (rep["clean_accuracy"], rep["attacks"]["pgd"]["robust_accuracy"],
+                                                     rep["attacks"]["apgd-ce"]["robust_accuracy"],
+                                                     rep["worst_case_accuracy"]))
             md.append(f"| `{r['command']}` | {a['epochs']} | {r['wall_seconds']:.0f} | {reached} | "
-                      f"{_pct(a['last_robust'])} | {_pct(a['last_clean'])} | {a['train_seconds_per_epoch']:.2f} | "
-                      f"{a['seconds_per_epoch']:.2f} |")
+                      f"{_pct(a['last_robust'])} | {_pct(a['last_clean'])} | {full} | "
+                      f"{a['train_seconds_per_epoch']:.2f} | {a['seconds_per_epoch']:.2f} |")
         if timing:
             md += ["", f"Training epoch (22 batches of 64, attack + update, no evaluation), {timing['threads']} "
                        f"thread(s), median of {timing['repeats']} interleaved rounds in one process "
@@ -296,15 +326,16 @@ def tables(results: list[dict[str, Any]], timing: dict[str, Any] | None) -> str:
     for part, title in (("co", "Catastrophic overfitting (fgsm-rs)"), ("der", "DER")):
         rs = by_part.get(part, [])
         if part == "der":
-            rs = by_part.get("co", []) + rs
+            rs = by_part.get("co", []) + rs + by_part.get("dersweep", [])
         if not rs:
             continue
         md += [f"### {title}", "", "| setting | seed | best PGD-20 (epoch) | last PGD-20 | last clean | PGD collapse "
-               "epoch | CO flagged | flagged - collapse | --select energy epoch (PGD-20) | train s/epoch | wall s |",
+               "epoch | CO flagged | flagged - collapse | --select energy epoch (PGD-20, vs best) | train s/epoch | wall s |",
                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             a = r["analysis"]
-            sel = "-" if a["energy_select_epoch"] is None else f"{a['energy_select_epoch']} ({_pct(a['energy_select_robust'])})"
+            sel = (f"{a['energy_select_epoch']} ({_pct(a['energy_select_robust'])}, "
+                   f"{100 * (a['energy_select_robust'] - a['best_robust']):+.1f})")
             md.append(f"| {r['group']} | {r['seed']} | {_pct(a['best_robust'])} ({a['best_epoch']}) | "
                       f"{_pct(a['last_robust'])} | {_pct(a['last_clean'])} | {_opt(a['collapse_epoch'])} | "
                       f"{_opt(a['co_epoch'])} | {_opt(a['co_minus_collapse'])} | {sel} | "
@@ -390,6 +421,8 @@ def main() -> None:
             results = list(pool.map(lambda r: execute(r, out, threads=args.threads, jobs=args.jobs, fresh=args.fresh),
                                     runs))
     for r in results:
+        if r["part"] == "time" and not args.report_only:
+            attack_full(r, out, threads=args.threads)
         r["analysis"] = analyse(r, out)
 
     timing_path = out / "epoch-times.json"
