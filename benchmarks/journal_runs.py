@@ -369,12 +369,14 @@ def tables(results: list[dict[str, Any]], timing: dict[str, Any] | None) -> str:
 
 
 def figures(results: list[dict[str, Any]], out: Path, fig_dir: Path) -> list[str]:
-    """`weat energy plot` of the first CO run (and of fgsm-rs, fgsm-rs + DER and n-fgsm, seed 0)."""
+    """`weat energy plot` of the first CO run, of fgsm-rs, fgsm-rs + DER and n-fgsm (seed 0), and of
+    a CO run that stayed collapsed beside one that recovered (seeds 0 and 1)."""
     made = []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     names = {r["name"] for r in results}
     plots = [("co-digits.png", ["co-fgsm-rs-s0"]),
-             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-n-fgsm-s0"])]
+             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-n-fgsm-s0"]),
+             ("co-recovery-digits.png", ["co-fgsm-rs-s0", "co-fgsm-rs-s1"])]
     for png, runs in plots:
         if not all(n in names for n in runs):
             continue

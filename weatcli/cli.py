@@ -155,7 +155,8 @@ def train(
     out: Annotated[Optional[str], typer.Option(help="Run directory (default runs/<dataset>-<method>-<time>).")] = None,
     download: DownloadOpt = False,
     select: Annotated[Optional[str], typer.Option(help="best (highest held-out PGD accuracy), last, or energy "
-                                                     "(the epoch before phase 3 or catastrophic overfitting, from dE(x) alone).")] = None,
+                                                     "(the epoch before phase 3 or catastrophic overfitting, from the energies alone; the latest "
+                                                     "epoch again once training recovers from catastrophic overfitting).")] = None,
     eval_n: Annotated[Optional[int], typer.Option(help="Held-out test images evaluated each epoch.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16: autocast for the training step (evaluation stays fp32).")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model and fuse the PGD update.")] = None,

@@ -306,15 +306,15 @@ def _draw_phases(ax, ax_e, text_at, ph: dict, epochs: list[int], colour: str, *,
         ax.axvspan(p3, last, color=colour, alpha=0.07, linewidth=0)
     if ph.get("plateau_delta") is not None and p2 is not None:
         ax_e.hlines(ph["plateau_delta"], p2, p3 if p3 is not None else last, color=colour, linewidth=0.8, alpha=0.6)
-    y = 0.97 - 0.06 * row
+    y = 0.97 - 0.1 * row  # a row of labels per run: the phase names, and below them CO and its recovery
     co = ph.get("catastrophic_overfitting_epoch")
     if co is not None:  # catastrophic overfitting: a dash-dot line and its label below the phase names
         ax.axvline(co, color=colour, linestyle="-.", linewidth=1.3)
-        ax.text(co, y - 0.04, " CO", transform=text_at, ha="left", va="top", fontsize="x-small", color=colour)
+        ax.text(co, y - 0.045, " CO", transform=text_at, ha="left", va="top", fontsize="x-small", color=colour)
     recovered = ph.get("co_recovery_epoch")
     if co is not None and recovered is not None:  # ... and the epoch by which training had recovered from it
         ax.axvline(recovered, color=colour, linestyle="-.", linewidth=0.8, alpha=0.6)
-        ax.text(recovered, y - 0.04, " recovered", transform=text_at, ha="left", va="top", fontsize="x-small",
+        ax.text(recovered, y - 0.045, " recovered", transform=text_at, ha="left", va="top", fontsize="x-small",
                 color=colour)
     for name, a, b in zip(names, bounds[:-1], bounds[1:]):
         ax.text((a + b) / 2, y, name, transform=text_at, ha="center", va="top", fontsize="x-small", color=colour,
