@@ -9,8 +9,8 @@ import pytest
 
 from weatcli.errors import WeatInputError
 from weatcli.phases import (RECOVERY_EPOCHS, EnergySelection, Phases, co_recovery_epoch,
-                            detect_catastrophic_overfitting, detect_phase3, detect_phases, energy_select_epoch,
-                            energy_selection, read_metrics)
+                            detect_catastrophic_overfitting, detect_phase3, detect_phases, energy_selection,
+                            read_metrics)
 
 N_EPOCHS, CHANGE = 100, 70
 
@@ -61,7 +61,7 @@ def test_flat_series_from_rows_has_plateau_but_no_phase3():
     phases = detect_phases(synthetic_rows(4, change=None))
     assert phases.phase3_start is None
     assert phases.plateau_delta == pytest.approx(0.5, abs=0.03)
-    assert energy_select_epoch(synthetic_rows(4, change=None)) is None
+    assert energy_selection(synthetic_rows(4, change=None)).epoch is None
 
 
 @pytest.mark.parametrize("width", [1, 2])
@@ -90,7 +90,7 @@ def test_phase3_ignores_robust_accuracy():
     assert full.plateau_delta == bare.plateau_delta
     assert bare.best_epoch is None
     assert bare.phase2_start is not None  # falls back to dE(x) settling onto its plateau
-    assert energy_select_epoch(rows) == energy_select_epoch(without)
+    assert energy_selection(rows).epoch == energy_selection(without).epoch
 
 
 def test_explicit_epochs_and_threshold():
@@ -109,11 +109,11 @@ def test_deterministic():
     assert detect_phases(rows) == detect_phases(list(rows)) == detect_phases(list(reversed(rows)))
 
 
-def test_energy_select_epoch_is_the_epoch_before_phase3():
+def test_energy_selection_is_the_epoch_before_phase3():
     rows = synthetic_rows(9)
     phase3 = detect_phases(rows).phase3_start
     assert phase3 is not None
-    assert energy_select_epoch(rows) == phase3 - 1
+    assert energy_selection(rows).epoch == phase3 - 1
 
 
 def test_best_epoch_is_argmax_of_robust_accuracy():
@@ -299,7 +299,7 @@ def test_energy_select_stops_before_catastrophic_overfitting():
     rows = _rows(co_delta(1, at=18, jump=3.0))
     phases = detect_phases(rows)
     assert phases.catastrophic_overfitting_epoch == 18
-    assert energy_select_epoch(rows) == 17
+    assert energy_selection(rows).epoch == 17
     with pytest.raises(ValueError, match="history"):
         detect_catastrophic_overfitting(rows, history=1)
 
@@ -432,4 +432,4 @@ def test_no_catastrophic_overfitting_on_real_single_step_runs_that_kept_improvin
     c = REAL_NO_CO[run]
     rows = [{"epoch": i + 1, **{k: v[i] for k, v in c.items()}} for i in range(len(c["delta_energy"]))]
     assert detect_catastrophic_overfitting(rows) is None
-    assert detect_phases(rows).phase3_start is None and energy_select_epoch(rows) is None
+    assert detect_phases(rows).phase3_start is None and energy_selection(rows).epoch is None

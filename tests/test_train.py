@@ -282,3 +282,21 @@ def test_summary_reports_catastrophic_overfitting_from_the_history(tmp_path):
     result = train.FitResult(checkpoint=tmp_path / "m", run_dir=tmp_path, clean_accuracy=0.9, robust_accuracy=0.5,
                              epochs=15, best_epoch=1, seconds=1.0, history=history)
     assert result.summary()["catastrophic_overfitting_epoch"] == 13
+
+
+def test_select_energy_holds_its_stand_in_when_detection_lagged_beyond_the_snapshots(tmp_path, monkeypatch):
+    """CO "flagged" late: the epoch to hold (1) has left the ring, so the oldest snapshot kept (3)
+    stands in, and it stays held - it does not move along with the ring."""
+    seen: dict[int, int] = {}
+
+    def spy(run, progress, *, row):
+        real_select(run, progress, row=row)
+        seen[row["epoch"]] = ckpt.load(run.run_dir / "model.safetensors").epoch
+
+    real_select = train._select_and_save
+    monkeypatch.setattr(train, "energy_selection",
+                        lambda rows: EnergySelection(1, "co") if len(rows) >= 4 else EnergySelection(None, None))
+    monkeypatch.setattr(train, "SNAPSHOTS", 2)
+    monkeypatch.setattr(train, "_select_and_save", spy)
+    fit(tiny_config(tmp_path, **{"train.epochs": 5, "train.select": "energy"}))
+    assert seen == {1: 1, 2: 2, 3: 3, 4: 3, 5: 3}

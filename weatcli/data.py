@@ -530,13 +530,13 @@ def noisy_labels(ds: Dataset, fraction: float) -> Dataset:
         return ds
     if not 0 < fraction < 1:
         raise ValueError(f"label noise fraction must be in [0, 1), got {fraction}")
-    g = torch.Generator().manual_seed(LABEL_NOISE_SEED)
+    g = torch.Generator().manual_seed(LABEL_NOISE_SEED)  # on the CPU: the same draws on every device
     n = len(ds.train_y)
-    flip = torch.randperm(n, generator=g)[: round(fraction * n)]
+    flip = torch.randperm(n, generator=g)[: round(fraction * n)].to(ds.train_y.device)
     # A shift of 1 .. K-1 classes: uniform over the K-1 wrong classes, never the true one.
-    shift = torch.randint(1, ds.num_classes, (len(flip),), generator=g)
+    shift = torch.randint(1, ds.num_classes, (len(flip),), generator=g).to(ds.train_y.device)
     y = ds.train_y.clone()
-    y[flip.to(y.device)] = (y[flip.to(y.device)] + shift.to(y.device)) % ds.num_classes
+    y[flip] = (y[flip] + shift) % ds.num_classes
     return replace(ds, train_y=y)
 
 

@@ -471,8 +471,3 @@ def energy_selection(rows: list[dict]) -> EnergySelection:
         return EnergySelection(None, None)
     before = [int(r["epoch"]) for r in rows if int(r["epoch"]) < p3]
     return EnergySelection(max(before) if before else None, "phase3")
-
-
-def energy_select_epoch(rows: list[dict]) -> int | None:
-    """`energy_selection(rows).epoch`: the epoch --select energy keeps, None for the latest."""
-    return energy_selection(rows).epoch

@@ -716,9 +716,8 @@ def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: 
     if selection.epoch is None:  # nothing ended the run (or it recovered): the latest epoch is the candidate
         _write_checkpoint(run_dir / "model.safetensors", ckpt.state_dict_of(model), meta)
         return {"epoch": epoch, "robust_accuracy": row["robust_accuracy"], "clean_accuracy": row["clean_accuracy"], "score": 0.0}
-    held = {"fixed": True} if selection.ended_by == "phase3" else {"held": selection.ended_by}
-    if best.get("held") and best["epoch"] == selection.epoch:  # already holding it
-        return {**best, **held}
+    if best.get("held_for") == selection.epoch:  # already holding it (whichever snapshot stood in for it)
+        return best
     snaps = sorted(snap_dir.glob("epoch-*.safetensors"))
     # The snapshot of the chosen epoch, or the oldest one kept if detection lagged beyond the ring.
     pick = next((p for p in snaps if int(p.stem.split("-")[1]) >= selection.epoch), snaps[0])
@@ -726,8 +725,8 @@ def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: 
     _write_checkpoint(run_dir / "model.safetensors", tensors, meta)
     chosen_row = next(r for r in history if r["epoch"] == int(meta["epoch"]))
     return {"epoch": chosen_row["epoch"], "robust_accuracy": chosen_row["robust_accuracy"],
-            "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, **held,
-            "phase3_detected_at": epoch}
+            "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, "held_for": selection.epoch,
+            "fixed": selection.ended_by == "phase3", "detected_at": epoch}
 
 
 def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
