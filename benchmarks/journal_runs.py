@@ -54,6 +54,7 @@ from weatcli.phases import detect_phases, energy_selection, read_metrics  # noqa
 PARTS = ("time", "co", "der", "dersweep", "ro")
 DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) besides the preset's (1, 0)
 TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
+DER_BOTH = ["--set", "train.der_grad=both"]  # the form; digits-fgsm-rs-der's own is "adversarial"
 COLLAPSE = 0.10  # catastrophic overfitting: PGD-20 accuracy below 10% of its best so far
 
 
@@ -84,20 +85,25 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"co-fgsm-rs-s{i}", "co", ["--preset", "digits-fgsm-rs-co", "--seed", str(i)], "fgsm-rs", i)
                  for i in s]
     if "der" in parts:
-        runs += [Run(f"der-fgsm-rs-der-s{i}", "der", ["--preset", "digits-fgsm-rs-der", "--seed", str(i)],
-                     "fgsm-rs + DER", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-der-s{i}", "der", ["--preset", "digits-fgsm-rs-der", *DER_BOTH, "--seed", str(i)],
+                     "fgsm-rs + DER (through both)", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-der-adv-s{i}", "der", ["--preset", "digits-fgsm-rs-der", "--seed", str(i)],
+                     "fgsm-rs + DER (through x* only: the preset)", i) for i in s]
         runs += [Run(f"der-n-fgsm-s{i}", "der", ["--preset", "digits-fgsm-rs-co", "--method", "n-fgsm",
                                                   "--set", "train.fgsm_alpha=1.0", "--seed", str(i)], "n-fgsm", i)
                  for i in s]
         # pgd-at on the robust-overfitting preset, with and without DER; `--select energy` only
         # chooses which epoch model.safetensors holds, so these runs are also the ro part's seeds.
         runs += [Run(f"der-pgd-at-s{i}", "der", [*PGD_AT_015, "--seed", str(i)], "pgd-at", i) for i in s]
-        runs += [Run(f"der-pgd-at-der-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0"],
-                     "pgd-at + DER", i) for i in s]
+        runs += [Run(f"der-pgd-at-der-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0",
+                                                      *DER_BOTH], "pgd-at + DER (through both)", i) for i in s]
+        runs += [Run(f"der-pgd-at-der-adv-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0",
+                                                          "--set", "train.der_grad=adversarial"],
+                     "pgd-at + DER (through x* only)", i) for i in s]
     if "dersweep" in parts:
         runs += [Run(f"dersweep-l{lam:g}-g{gamma:g}-s0", "dersweep",
-                     ["--preset", "digits-fgsm-rs-der", "--set", f"train.der_weight={lam:g}",
-                      "--set", f"train.der_margin={gamma:g}", "--seed", "0"], f"fgsm-rs + DER (lambda {lam:g}, gamma {gamma:g})")
+                     ["--preset", "digits-fgsm-rs-der", *DER_BOTH, "--set", f"train.der_weight={lam:g}",
+                      "--set", f"train.der_margin={gamma:g}", "--seed", "0"], f"fgsm-rs + DER (through both, lambda {lam:g}, gamma {gamma:g})")
                  for lam, gamma in DER_SWEEP]
     if "ro" in parts:
         runs += [Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
@@ -375,7 +381,7 @@ def figures(results: list[dict[str, Any]], out: Path, fig_dir: Path) -> list[str
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     names = {r["name"] for r in results}
     plots = [("co-digits.png", ["co-fgsm-rs-s0"]),
-             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-n-fgsm-s0"]),
+             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-fgsm-rs-der-adv-s0", "der-n-fgsm-s0"]),
              ("co-recovery-digits.png", ["co-fgsm-rs-s0", "co-fgsm-rs-s1"])]
     for png, runs in plots:
         if not all(n in names for n in runs):

@@ -700,7 +700,7 @@ def _check_figure_out(out: Path) -> None:
 def _run_label(run_dir: Path, taken: set[str]) -> str:
     """A run's label in plots: what its checkpoint says it is (the metadata's method, e.g. "imported"
     for `weat import`), else its config.toml's train.method, else the directory's name; "+ DER"
-    where the run trained with the Delta Energy Regulariser."""
+    where the run trained with the Delta Energy Regulariser ("+ DER (x* only)" with der_grad adversarial)."""
     from . import checkpoint as ckpt_mod
 
     model, config = run_dir / "model.safetensors", run_dir / "config.toml"
@@ -716,7 +716,7 @@ def _run_label(run_dir: Path, taken: set[str]) -> str:
         if not model.is_file():
             label = train.method
         if train.der_weight > 0:
-            label += " + DER"
+            label += " + DER" + (" (x* only)" if train.der_grad == "adversarial" else "")
     return label if label not in taken else f"{label} ({run_dir.name})"
 
 

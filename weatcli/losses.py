@@ -74,11 +74,16 @@ def method_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunCo
         return pgd(model, x, y, p_nat=p_nat, generator=generator, **kwargs)
 
 
-def der_per_example(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+def der_per_example(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, margin: float,
+                    grad: str = "both") -> torch.Tensor:
     """DER's per-example term max(0, ||(dE(x), dE(x,y))||_2 - margin), dE(x) = E(x) - E(x*) and
-    dE(x,y) = E(x,y) - E(x*,y), in float32; differentiable through both logits. (B, K), (B, K), (B,) -> (B,)
+    dE(x,y) = E(x,y) - E(x*,y), in float32. (B, K), (B, K), (B,) -> (B,)
 
-    The norm's gradient at a zero pair is taken as 0 (not NaN), so x* = x is harmless."""
+    grad "both": differentiable through both logits; "adversarial": the natural logits are a fixed
+    target, so only x*'s energies move toward x's. The norm's gradient at a zero pair is taken as 0
+    (not NaN), so x* = x is harmless."""
+    if grad == "adversarial":
+        logits_nat = logits_nat.detach()
     d_marginal = energy(logits_nat) - energy(logits_adv)
     d_joint = joint_energy(logits_nat, y) - joint_energy(logits_adv, y)
     sq = d_marginal.square() + d_joint.square()
@@ -92,7 +97,7 @@ def _with_der(loss: torch.Tensor, stats: Stats, logits_nat, logits_adv, y, cfg: 
     t = cfg.train
     if t.der_weight == 0:
         return loss, stats
-    der = der_per_example(logits_nat, logits_adv, y, t.der_margin)
+    der = der_per_example(logits_nat, logits_adv, y, t.der_margin, t.der_grad)
     return loss + t.der_weight * der.mean(), {**stats, "der": der.detach().sum()}
 
 
