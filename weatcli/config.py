@@ -214,8 +214,8 @@ class TrainConfig(_Section):
                               "not penalised (0: every gap is)")
     der_grad: Literal["both", "adversarial"] = Field(
         "both", description="DER's gradient: through both energies of each pair (the form the issue gave), or "
-        "through the adversarial point's only, the natural energies a fixed target (ours: the one that kept "
-        "fgsm-rs from collapsing on digits)")
+        "through the adversarial point's only, the natural energies a fixed target (ours: it kept fgsm-rs "
+        "from collapsing on digits, but the energies' scale runs away)")
     # The RobustBench leaders' recipe (docs/science.md#beyond-the-paper); every one off by default.
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of every cross-entropy term of the "
                                    "training loss (not of KL terms, not of attacks); DM-AT uses 0.1")
