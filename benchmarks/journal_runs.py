@@ -54,7 +54,7 @@ from weatcli.phases import detect_phases, energy_selection, read_metrics  # noqa
 PARTS = ("time", "co", "der", "dersweep", "ro")
 DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) besides the preset's (1, 0)
 TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
-DER_BOTH = ["--set", "train.der_grad=both"]  # the form; digits-fgsm-rs-der's own is "adversarial"
+DER_BOTH = ["--set", "train.der_grad=both"]  # the default reading; digits-fgsm-rs-der's own is "adversarial"
 COLLAPSE = 0.10  # catastrophic overfitting: PGD-20 accuracy below 10% of its best so far
 
 

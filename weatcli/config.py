@@ -213,7 +213,7 @@ class TrainConfig(_Section):
     der_margin: float = Field(0.0, ge=0, description="DER gamma, energy units: delta-energy norms up to it are "
                               "not penalised (0: every gap is)")
     der_grad: Literal["both", "adversarial"] = Field(
-        "both", description="DER's gradient: through both energies of each pair (the form the issue gave), or "
+        "both", description="DER's gradient: through both energies of each pair (the default reading), or "
         "through the adversarial point's only, the natural energies a fixed target (ours: it kept fgsm-rs "
         "from collapsing on digits, but the energies' scale runs away)")
     # The RobustBench leaders' recipe (docs/science.md#beyond-the-paper); every one off by default.
