@@ -54,7 +54,8 @@ from weatcli.phases import detect_phases, energy_selection, read_metrics  # noqa
 PARTS = ("time", "co", "der", "dersweep", "ro")
 DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) besides the preset's (1, 0)
 TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
-DER_BOTH = ["--set", "train.der_grad=both"]  # the default reading; digits-fgsm-rs-der's own is "adversarial"
+DER_BOTH = ["--set", "train.der_grad=both"]  # the default reading; digits-fgsm-rs-der's own is DER_ADV
+DER_ADV = ["--set", "train.der_grad=adversarial"]
 COLLAPSE = 0.10  # catastrophic overfitting: PGD-20 accuracy below 10% of its best so far
 
 
@@ -98,7 +99,7 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"der-pgd-at-der-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0",
                                                       *DER_BOTH], "pgd-at + DER (through both)", i) for i in s]
         runs += [Run(f"der-pgd-at-der-adv-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0",
-                                                          "--set", "train.der_grad=adversarial"],
+                                                          *DER_ADV],
                      "pgd-at + DER (through x* only)", i) for i in s]
     if "dersweep" in parts:
         runs += [Run(f"dersweep-l{lam:g}-g{gamma:g}-s0", "dersweep",

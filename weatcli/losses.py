@@ -14,7 +14,7 @@ Every adversarial method adds the Delta Energy Regulariser when `train.der_weigh
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -75,7 +75,7 @@ def method_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunCo
 
 
 def der_per_example(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, margin: float,
-                    grad: str = "both") -> torch.Tensor:
+                    grad: Literal["both", "adversarial"] = "both") -> torch.Tensor:
     """DER's per-example term max(0, ||(dE(x), dE(x,y))||_2 - margin), dE(x) = E(x) - E(x*) and
     dE(x,y) = E(x,y) - E(x*,y), in float32. (B, K), (B, K), (B,) -> (B,)
 

@@ -726,7 +726,7 @@ def _select_by_energy(run_dir: Path, model: nn.Module, cfg: RunConfig, history: 
     chosen_row = next(r for r in history if r["epoch"] == int(meta["epoch"]))
     return {"epoch": chosen_row["epoch"], "robust_accuracy": chosen_row["robust_accuracy"],
             "clean_accuracy": chosen_row["clean_accuracy"], "score": 0.0, "held_for": selection.epoch,
-            "fixed": selection.ended_by == "phase3", "detected_at": epoch}
+            "fixed": selection.ended_by == "phase3"}
 
 
 def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
