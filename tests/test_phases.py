@@ -215,6 +215,44 @@ def test_a_lag_before_the_descent_is_not_a_plateau(lag):
         assert detect_phase3(pgd_at_delta(seed, lag=lag, tau=5.0, change=80, rate=-0.05)) in range(80, 87)
 
 
+# A real run (pgd-at, eps 0.15, 10 training images per class, lr 0.01): 31 epochs of lag at dE(x) = 0
+# while -log p(y|x) = E(x,y) - E(x) on the training subset barely moves, then phase 1. PGD-20 kept
+# rising to its best at epoch 165; the duration rule alone took the lag for a plateau and flagged
+# phase 3 at epoch 32.
+PC10_DELTA = [0.0, 0.0, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, -0.0, -0.002, -0.003, -0.003,
+              -0.003, -0.001, 0.001, 0.001, -0.002, -0.003, -0.002, -0.001, -0.0, -0.0, -0.002, -0.005,
+              -0.008, -0.009, -0.008, -0.002, -0.0, -0.008, -0.017, -0.018, -0.015, -0.014, -0.014, -0.018,
+              -0.021, -0.026, -0.027, -0.02, -0.007, -0.0, -0.017, -0.049, -0.059, -0.056, -0.06, -0.061,
+              -0.064, -0.066, -0.069, -0.072, -0.075, -0.078, -0.081, -0.083, -0.087, -0.089]
+PC10_NLL = [2.3, 2.3, 2.3, 2.3, 2.3, 2.29, 2.29, 2.28, 2.27, 2.26, 2.26, 2.25, 2.23, 2.22, 2.2, 2.19, 2.18,
+            2.17, 2.15, 2.13, 2.12, 2.11, 2.11, 2.1, 2.09, 2.08, 2.07, 2.06, 2.03, 2.01, 1.99, 1.96, 1.93,
+            1.9, 1.87, 1.85, 1.84, 1.82, 1.8, 1.78, 1.76, 1.74, 1.72, 1.7, 1.66, 1.61, 1.57, 1.55, 1.54, 1.53,
+            1.51, 1.5, 1.49, 1.47, 1.46, 1.44, 1.43, 1.42, 1.4, 1.39]
+
+
+def _rows_with_nll(delta, nll, energy_natural=-2.3):
+    return [{"epoch": i + 1, "delta_energy": d, "energy_natural": energy_natural, "joint_natural": energy_natural + v}
+            for i, (d, v) in enumerate(zip(delta, nll))]
+
+
+def test_a_long_lag_is_not_a_plateau_while_the_model_has_not_begun_to_learn():
+    """The lag outlasted LAG_FACTOR * min_plateau (24 epochs): by duration alone it is phase 2 and
+    its end phase 3. The energies say the model had not begun to learn (-log p(y|x) 13% below its
+    first value at epoch 31), so that departure is phase 1 and nothing is flagged."""
+    assert detect_phase3(PC10_DELTA) == 32  # dE(x) alone: the false alarm
+    rows = _rows_with_nll(PC10_DELTA, PC10_NLL)
+    assert detect_phases(rows).phase3_start is None
+    assert energy_selection(rows) == EnergySelection(None, None)
+
+
+def test_the_same_departure_after_learning_is_still_phase3():
+    """The rule does not blind the detector: with the same dE(x) but a model that learned within
+    five epochs (-log p(y|x) halved), the flat stretch at the starting level is an established
+    plateau and the departure from it at epoch 32 is flagged."""
+    learned_early = [2.3 * (0.5 + 0.5 * np.exp(-i / 2.0)) for i in range(len(PC10_DELTA))]
+    assert detect_phases(_rows_with_nll(PC10_DELTA, learned_early)).phase3_start == 32
+
+
 def test_the_reported_phase1_false_positive_is_gone():
     """A slow, smooth descent (robust accuracy still climbing): the old rule took its first five
     epochs for a plateau (within 10% of the level) and flagged phase 3 at epoch 6."""

@@ -5,8 +5,8 @@ metrics.jsonl (docs/science.md#phase-detector, docs/science.md#catastrophic-over
 (2) a long plateau; (3) robust overfitting: dE(x) of PGD-AT moves away from its plateau
 (natural and adversarial energies diverge) while test robust error stops improving.
 
-Phase 3 is detected from the dE(x) series alone, so it needs no held-out robust accuracy and can
-pick a checkpoint (`weat train --select energy`) without touching test data. Pure numpy.
+Phase 3 is detected from the training subset's energies alone, so it needs no held-out robust
+accuracy and can pick a checkpoint (`weat train --select energy`) without touching test data. Pure numpy.
 
 The rule (`detect_phase3`), in energy units (logits) and epochs:
   1. s = centred running median of dE(x) over `window` epochs (a one-epoch spike vanishes).
@@ -20,8 +20,11 @@ The rule (`detect_phase3`), in energy units (logits) and epochs:
   4. The plateau must be established before a departure from it can count: it must last
      2 * `min_plateau` epochs, or 3 * `min_plateau` when it sits at the level training started
      from (dE(x) has not left its first value by a band: the flat start may be the lag before
-     phase 1 under small warm-up learning rates). A departure before that is still phase 1 (a
-     pause in the descent, or the lag): the plateau is dropped and the next one searched after it.
+     phase 1 under small warm-up learning rates). Where the rows have E(x,y) and E(x), such a
+     start-level plateau counts from the epoch the model began to learn at the earliest (the
+     training subset's -log p(y|x) = E(x,y) - E(x) `LEARNED_DROP` below its first value): a lag
+     can outlast any fixed duration. A departure before that is still phase 1 (a pause in the
+     descent, or the lag): the plateau is dropped and the next one searched after it.
   5. For each later epoch t, the plateau level is the median of dE(x) over [p, t) - only the past,
      so the change never contaminates its own reference - and band = band(level), with sigma at
      least the MAD scale of [p, t). Phase 3 starts at the first t from which s stays beyond
@@ -60,6 +63,7 @@ ONSET_FRACTION = 0.5  # step back from the confirmed crossing while beyond this 
 SETTLE_FRACTION = 0.25  # a plateau window's fitted drift is under a quarter of the band: the trend is over
 PLATEAU_FACTOR = 2  # a plateau must last this many times min_plateau before a departure from it is phase 3
 LAG_FACTOR = 3  # ... and this many where it sits at the level training started from (maybe the lag before phase 1)
+LEARNED_DROP = 0.25  # ... and, where the rows tell, only once -log p(y|x) = E(x,y) - E(x) fell 25% below its first value
 RATE_FRACTION = 0.10  # phase 2 (from robust error): improvement per epoch below 10% of its peak rate
 # Catastrophic overfitting (detect_catastrophic_overfitting): a break of dE(x) within CO_SPAN epochs
 # of CO_K robust sigmas of its last CO_HISTORY epoch-to-epoch changes, that the next epoch keeps.
@@ -195,7 +199,10 @@ def _find_plateau(x: np.ndarray, s: np.ndarray, start: int, sigma: float, min_pl
     return None
 
 
-def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, threshold: float | None) -> _Scan:
+def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, threshold: float | None,
+          learned: int | None = None) -> _Scan:
+    """learned: index of the first point by which the model has begun to learn (`_learned_index`);
+    None when unknown. A plateau at the starting level counts from there on at the earliest."""
     n = len(x)
     if n < min_plateau:
         return _Scan(None, None, None)
@@ -217,6 +224,9 @@ def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, thresho
         plateau_level = float(np.median(s[p : p + min_plateau]))
         moved = abs(plateau_level - start_level) > _band(plateau_level, sigma_noise, threshold)
         need = (PLATEAU_FACTOR if moved else LAG_FACTOR) * min_plateau
+        # Where the rows say when the model began to learn, a plateau at the starting level before that
+        # is the lag whatever its length: it is established only `need` points after learning began.
+        established = p + need if moved or learned is None else max(p, learned) + need
         # Phase 3: the first t whose excursion beyond the past plateau's band lasts `sustain` points.
         for t in range(p + min_plateau, n - sustain + 1):
             ref = x[p:t]
@@ -225,7 +235,7 @@ def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, thresho
             dev = s[t : t + sustain] - level
             if not (np.all(dev > band) or np.all(dev < -band)):
                 continue
-            if t - p < need:
+            if t < established:
                 # It left the plateau before the plateau was established: that was still phase 1
                 # (a pause in the descent, or the lag before it). Look for the real plateau after it.
                 first_plateau = None if first_plateau == p else first_plateau
@@ -233,7 +243,7 @@ def _scan(x: np.ndarray, *, min_plateau: int, window: int, sustain: int, thresho
                 break
             sign = 1.0 if dev[0] > 0 else -1.0
             onset = t
-            while onset - 1 >= p + need and sign * (s[onset - 1] - level) > ONSET_FRACTION * band:
+            while onset - 1 >= established and sign * (s[onset - 1] - level) > ONSET_FRACTION * band:
                 onset -= 1
             return _Scan(p, onset, float(np.median(x[p:onset])))
         else:
@@ -389,9 +399,10 @@ def detect_catastrophic_overfitting(
 def detect_phases(rows: list[dict], *, min_plateau: int = 8, window: int = 3, sustain: int = 5) -> Phases:
     """Phase boundaries of one run from its metrics rows (see `read_metrics`).
 
-    phase3_start and plateau_delta come from `delta_energy` alone (`detect_phase3`), and so does
-    catastrophic_overfitting_epoch (`detect_catastrophic_overfitting`, which also reads
-    `train_attack_accuracy` where the rows have it, as supporting evidence).
+    phase3_start and plateau_delta come from `delta_energy` (`detect_phase3`; where the rows have
+    `joint_natural` and `energy_natural`, their difference tells when the model began to learn).
+    catastrophic_overfitting_epoch comes from `delta_energy` too (`detect_catastrophic_overfitting`,
+    which also reads `train_attack_accuracy` where the rows have it, as supporting evidence).
     phase2_start comes from test robust error (1 - robust_accuracy) where the rows have it - the
     first epoch after its steepest drop where it improves by less than 10% of that peak rate -
     and otherwise from dE(x) settling onto its plateau. best_epoch is the first epoch with the
@@ -399,7 +410,8 @@ def detect_phases(rows: list[dict], *, min_plateau: int = 8, window: int = 3, su
     """
     _check_args(min_plateau, window, sustain, None)
     e_delta, delta = _column(rows, "delta_energy")
-    scan = _scan(delta, min_plateau=min_plateau, window=window, sustain=sustain, threshold=None)
+    scan = _scan(delta, min_plateau=min_plateau, window=window, sustain=sustain, threshold=None,
+                 learned=_learned_index(rows, e_delta))
     phase3 = None if scan.change is None else int(e_delta[scan.change])
 
     e_rob, rob = _column(rows, "robust_accuracy")
@@ -411,6 +423,23 @@ def detect_phases(rows: list[dict], *, min_plateau: int = 8, window: int = 3, su
     return Phases(phase2_start=phase2, phase3_start=phase3, plateau_delta=scan.level, best_epoch=best,
                   catastrophic_overfitting_epoch=co,
                   co_recovery_epoch=None if co is None else co_recovery_epoch(rows, co))
+
+
+def _learned_index(rows: list[dict], epochs: np.ndarray) -> int | None:
+    """Index into `epochs` of the first epoch by which the model has begun to learn: the training
+    subset's mean -log p(y|x) = E(x,y) - E(x) (`joint_natural` - `energy_natural`) has fallen
+    LEARNED_DROP below its first value. len(epochs) when it never has; None when the rows lack
+    those energies (the plateau rule then goes by duration alone)."""
+    e_joint, joint = _column(rows, "joint_natural")
+    e_marg, marg = _column(rows, "energy_natural")
+    common, i_joint, i_marg = np.intersect1d(e_joint, e_marg, return_indices=True)
+    if len(common) == 0:
+        return None
+    nll = joint[i_joint] - marg[i_marg]
+    below = np.flatnonzero(nll <= (1.0 - LEARNED_DROP) * nll[0])
+    if len(below) == 0:
+        return len(epochs)
+    return int(np.searchsorted(epochs, common[below[0]]))
 
 
 def co_recovery_epoch(rows: list[dict], co_epoch: int, *, epochs: int = RECOVERY_EPOCHS) -> int | None:
