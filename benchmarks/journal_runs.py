@@ -56,6 +56,8 @@ DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) 
 TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
 DER_BOTH = ["--set", "train.der_grad=both"]  # the default reading; digits-fgsm-rs-der's own is DER_ADV
 DER_ADV = ["--set", "train.der_grad=adversarial"]
+NO_ANCHOR = ["--set", "train.der_anchor=0"]  # digits-fgsm-rs-der's own anchor is 0.001
+ANCHOR = ["--set", "train.der_anchor=0.001"]
 COLLAPSE = 0.10  # catastrophic overfitting: PGD-20 accuracy below 10% of its best so far
 
 
@@ -86,10 +88,14 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"co-fgsm-rs-s{i}", "co", ["--preset", "digits-fgsm-rs-co", "--seed", str(i)], "fgsm-rs", i)
                  for i in s]
     if "der" in parts:
-        runs += [Run(f"der-fgsm-rs-der-s{i}", "der", ["--preset", "digits-fgsm-rs-der", *DER_BOTH, "--seed", str(i)],
-                     "fgsm-rs + DER (through both)", i) for i in s]
-        runs += [Run(f"der-fgsm-rs-der-adv-s{i}", "der", ["--preset", "digits-fgsm-rs-der", "--seed", str(i)],
-                     "fgsm-rs + DER (through x* only: the preset)", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-der-s{i}", "der", ["--preset", "digits-fgsm-rs-der", *DER_BOTH, *NO_ANCHOR,
+                                                       "--seed", str(i)], "fgsm-rs + DER (through both)", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-der-adv-s{i}", "der", ["--preset", "digits-fgsm-rs-der", *NO_ANCHOR, "--seed", str(i)],
+                     "fgsm-rs + DER (through x* only)", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-der-anchor-s{i}", "der", ["--preset", "digits-fgsm-rs-der", "--seed", str(i)],
+                     "fgsm-rs + DER (x* only) + anchor: the preset", i) for i in s]
+        runs += [Run(f"der-fgsm-rs-anchor-s{i}", "der", ["--preset", "digits-fgsm-rs-der", "--set", "train.der_weight=0",
+                                                          "--seed", str(i)], "fgsm-rs + anchor alone", i) for i in s]
         runs += [Run(f"der-n-fgsm-s{i}", "der", ["--preset", "digits-fgsm-rs-co", "--method", "n-fgsm",
                                                   "--set", "train.fgsm_alpha=1.0", "--seed", str(i)], "n-fgsm", i)
                  for i in s]
@@ -101,9 +107,12 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
         runs += [Run(f"der-pgd-at-der-adv-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set", "train.der_weight=1.0",
                                                           *DER_ADV],
                      "pgd-at + DER (through x* only)", i) for i in s]
+        runs += [Run(f"der-pgd-at-der-anchor-s{i}", "der", [*PGD_AT_015, "--seed", str(i), "--set",
+                                                             "train.der_weight=1.0", *DER_ADV, *ANCHOR],
+                     "pgd-at + DER (x* only) + anchor", i) for i in s]
     if "dersweep" in parts:
         runs += [Run(f"dersweep-l{lam:g}-g{gamma:g}-s0", "dersweep",
-                     ["--preset", "digits-fgsm-rs-der", *DER_BOTH, "--set", f"train.der_weight={lam:g}",
+                     ["--preset", "digits-fgsm-rs-der", *DER_BOTH, *NO_ANCHOR, "--set", f"train.der_weight={lam:g}",
                       "--set", f"train.der_margin={gamma:g}", "--seed", "0"], f"fgsm-rs + DER (through both, lambda {lam:g}, gamma {gamma:g})")
                  for lam, gamma in DER_SWEEP]
     if "ro" in parts:
@@ -223,6 +232,7 @@ def analyse(result: dict[str, Any], out: Path) -> dict[str, Any]:
         "train_seconds_per_epoch": statistics.median(r["train_seconds"] for r in rows),
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows),
         "der_last": rows[-1].get("der"),
+        "energy_natural_last": rows[-1].get("energy_natural"),  # the training subset's E(x): its scale
     }
 
 
@@ -293,6 +303,13 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _energy_range(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    return f"{min(known):.0f} .. {max(known):.0f}" if len(known) > 1 else f"{known[0]:.0f}"
+
+
 def _opt(v: Any) -> str:
     return "-" if v is None else str(v)
 
@@ -351,12 +368,13 @@ def tables(results: list[dict[str, Any]], timing: dict[str, Any] | None) -> str:
         for r in rs:
             groups.setdefault(r["group"], []).append(r)
         md += ["", "| setting | seeds | best PGD-20 (mean) | last PGD-20 (mean) | runs with CO (collapse) | "
-               "runs flagged | train s/epoch (median) |", "|---|---|---|---|---|---|---|"]
+               "runs flagged | last E(x) (range) | train s/epoch (median) |", "|---|---|---|---|---|---|---|---|"]
         for g, members in groups.items():
             an = [m["analysis"] for m in members]
             md.append(f"| {g} | {len(members)} | {_pct(_mean([a['best_robust'] for a in an]))} | "
                       f"{_pct(_mean([a['last_robust'] for a in an]))} | "
                       f"{sum(a['collapse_epoch'] is not None for a in an)} | {sum(a['co_epoch'] is not None for a in an)} | "
+                      f"{_energy_range([a['energy_natural_last'] for a in an])} | "
                       f"{statistics.median(a['train_seconds_per_epoch'] for a in an):.2f} |")
         md.append("")
 

@@ -195,6 +195,11 @@ def test_run_label_comes_from_the_checkpoint(tmp_path):
     assert _run_label(run, set()) == "fgsm-rs + DER"  # a DER run is told apart from its method's plain run
     (run / "config.toml").write_text('[train]\nmethod = "fgsm-rs"\nder_weight = 1.0\nder_grad = "adversarial"\n')
     assert _run_label(run, set()) == "fgsm-rs + DER (x* only)"  # ... and from the other DER variant
+    (run / "config.toml").write_text('[train]\nmethod = "fgsm-rs"\nder_weight = 1.0\nder_grad = "adversarial"\n'
+                                     'der_anchor = 0.001\n')
+    assert _run_label(run, set()) == "fgsm-rs + DER (x* only) + anchor"
+    (run / "config.toml").write_text('[train]\nmethod = "fgsm-rs"\nder_anchor = 0.001\n')
+    assert _run_label(run, set()) == "fgsm-rs + anchor"
 
 
 def test_plot_run_dir_names_catastrophic_overfitting(tmp_path, capsys):

@@ -113,6 +113,8 @@ def test_parse_fraction_rejects(text):
         ({"attack.eps": "0"}, "attack.eps"),
         ({"train.method": "fgsm-xyz"}, "train.method"),
         ({"train.method": "standard", "train.der_weight": 0.5}, "der_weight"),
+        ({"train.method": "standard", "train.der_anchor": 0.001}, "der_anchor"),
+        ({"train.der_anchor": -0.1}, "der_anchor"),
         ({"train.epochs": -1}, "train.epochs"),
         ({"train.device": "tpu"}, "train.device"),
         ({"data.dataset": "imagenet"}, "data.dataset"),

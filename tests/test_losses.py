@@ -294,6 +294,40 @@ def test_der_gradient_flows_through_the_chosen_energies(monkeypatch, grad):
     assert (g_nat.T @ x.flatten(1).double()).abs().sum() > 0 and (g_adv.T @ x_adv.flatten(1).double()).abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["pgd-at", "fgsm-rs", "n-fgsm", "trades", "mart", "mail-trades", "weat-adv", "weat-nat"])
+def test_energy_anchor_adds_the_mean_squared_energies(monkeypatch, method):
+    """der_anchor mu: + mu * (mean_i E(x_i)^2 + mean_i E(x*_i)^2), E = -logsumexp, alone or beside DER."""
+    model, x, ys, cfg0, nat, adv, y = _setup(monkeypatch, method)
+    base, _ = _call(model, x, y, cfg0)
+    term = sum(_lse(r) ** 2 for r in nat) / B + sum(_lse(r) ** 2 for r in adv) / B
+    der = sum(_der_by_hand(nat, adv, ys, 0.0)) / B
+    for weight in (0.0, 0.7):
+        cfg = cfg0.model_copy(update={"train": cfg0.train.model_copy(update={"der_weight": weight, "der_anchor": 0.3})})
+        loss, stats = _call(model, x, y, cfg)
+        assert loss == pytest.approx(base + weight * der + 0.3 * term, rel=1e-5)
+        assert stats["energy_anchor"].item() == pytest.approx(term * B, rel=1e-5)  # a batch sum, like every stat
+        assert ("der" in stats) == (weight > 0)
+
+
+def test_energy_anchor_gradient_flows_through_both_energies(monkeypatch):
+    """d/dz of mean_i E(z_i)^2 = -2 E(z_i) softmax(z_i) / B, for the natural and the adversarial logits."""
+    model, x, ys, cfg0, nat, adv, y = _setup(monkeypatch, "fgsm-rs")
+    x_adv = losses.method_attack(model, x, y, cfg0)
+    cfg = cfg0.model_copy(update={"train": cfg0.train.model_copy(update={"der_anchor": 1.0})})
+    grads = []
+    for c in (cfg, cfg0):
+        model.train()
+        model.zero_grad()
+        LOSSES["fgsm-rs"](model, x, y, c)[0].backward()
+        grads.append(model[1].weight.grad.clone())
+    got = grads[0] - grads[1]
+    zn, za = torch.tensor(nat, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
+    g_nat = 2 * torch.logsumexp(zn, 1)[:, None] * torch.softmax(zn, 1) / B  # d(E^2)/dz = 2 E dE/dz, dE/dz = -p
+    g_adv = 2 * torch.logsumexp(za, 1)[:, None] * torch.softmax(za, 1) / B
+    want = g_nat.T @ x.flatten(1).double() + g_adv.T @ x_adv.flatten(1).double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_der_at_a_zero_gap_has_a_zero_gradient_not_nan():
     logits = torch.randn(B, K, requires_grad=True)
     y = torch.arange(B) % K

@@ -266,14 +266,19 @@ def test_restored_momentum_takes_its_weights_memory_layout():
         assert torch.equal(a, b), k
 def test_metrics_carry_training_attack_accuracy_and_der(tmp_path):
     """metrics.jsonl: accuracy under the training attack on the energy subset (every method), and
-    the mean DER term when train.der_weight > 0; the summary names phase 3 and CO (None here)."""
-    result = fit(tiny_config(tmp_path, **{"train.epochs": 1, "train.method": "fgsm-rs", "train.der_weight": 1.0}))
+    the mean DER term when train.der_weight > 0 and the mean energy anchor term when train.der_anchor
+    > 0; the summary names phase 3 and CO (None here)."""
+    result = fit(tiny_config(tmp_path, **{"train.epochs": 1, "train.method": "fgsm-rs", "train.der_weight": 1.0,
+                                          "train.der_anchor": 0.001}))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 <= row["train_attack_accuracy"] <= 1 and row["der"] > 0 and math.isfinite(row["der"])
+    # mean E(x)^2 + mean E(x*)^2 over the epoch's batches: positive (E is near -log(10) for a fresh 10-class net)
+    assert row["energy_anchor"] > 0 and math.isfinite(row["energy_anchor"])
     summary = result.summary()
     assert summary["catastrophic_overfitting_epoch"] is None and summary["phase3_epoch"] is None
     plain = fit(tiny_config(tmp_path / "plain", **{"train.epochs": 1, "train.method": "fgsm-rs"}))
-    assert "der" not in plain.history[0] and "train_attack_accuracy" in plain.history[0]
+    assert "der" not in plain.history[0] and "energy_anchor" not in plain.history[0]
+    assert "train_attack_accuracy" in plain.history[0]
 
 
 def test_summary_reports_catastrophic_overfitting_from_the_history(tmp_path):

@@ -700,7 +700,8 @@ def _check_figure_out(out: Path) -> None:
 def _run_label(run_dir: Path, taken: set[str]) -> str:
     """A run's label in plots: what its checkpoint says it is (the metadata's method, e.g. "imported"
     for `weat import`), else its config.toml's train.method, else the directory's name; "+ DER"
-    where the run trained with the Delta Energy Regulariser ("+ DER (x* only)" with der_grad adversarial)."""
+    where the run trained with the Delta Energy Regulariser ("+ DER (x* only)" with der_grad adversarial),
+    "+ anchor" with the energy anchor (train.der_anchor)."""
     from . import checkpoint as ckpt_mod
 
     model, config = run_dir / "model.safetensors", run_dir / "config.toml"
@@ -717,6 +718,8 @@ def _run_label(run_dir: Path, taken: set[str]) -> str:
             label = train.method
         if train.der_weight > 0:
             label += " + DER" + (" (x* only)" if train.der_grad == "adversarial" else "")
+        if train.der_anchor > 0:
+            label += " + anchor"
     return label if label not in taken else f"{label} ({run_dir.name})"
 
 

@@ -216,6 +216,9 @@ class TrainConfig(_Section):
         "both", description="DER's gradient: through both energies of each pair (the default reading), or "
         "through the adversarial point's only, the natural energies a fixed target (ours: it kept fgsm-rs "
         "from collapsing on digits, but the energies' scale runs away)")
+    der_anchor: float = Field(0.0, ge=0, description="energy anchor mu (0 = off): adds mu * (mean_i E(x_i)^2 + "
+                              "mean_i E(x*_i)^2), gradient through both, so that DER through x* alone cannot run "
+                              "the energies' scale away (the energy-magnitude term of Du & Mordatch 2019)")
     # The RobustBench leaders' recipe (docs/science.md#beyond-the-paper); every one off by default.
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of every cross-entropy term of the "
                                    "training loss (not of KL terms, not of attacks); DM-AT uses 0.1")
@@ -265,9 +268,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _der_needs_adversarial_points(self) -> TrainConfig:
-        if self.der_weight > 0 and self.method == "standard":
-            raise ValueError("der_weight > 0 needs adversarial training points; method standard trains on clean "
-                             "images only (use another method, or der_weight = 0)")
+        for key in ("der_weight", "der_anchor"):
+            if getattr(self, key) > 0 and self.method == "standard":
+                raise ValueError(f"{key} > 0 needs adversarial training points; method standard trains on clean "
+                                 f"images only (use another method, or {key} = 0)")
         return self
 
     @property

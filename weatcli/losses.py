@@ -9,7 +9,8 @@ recompute it at every attack step), unless the caller passes that attack's point
 syncing with the host. Every cross-entropy term goes through `ce` (train.label_smoothing).
 
 Every adversarial method adds the Delta Energy Regulariser when `train.der_weight` > 0
-(docs/science.md#der, `der_per_example`); with der_weight 0 its loss is exactly the method's.
+(docs/science.md#der, `der_per_example`), and its energy anchor when `train.der_anchor` > 0
+(`energy_anchor`); with both 0 its loss is exactly the method's.
 """
 
 from __future__ import annotations
@@ -91,14 +92,25 @@ def der_per_example(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch
     return F.relu(norm - margin)
 
 
+def energy_anchor(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+    """mean_i E(x_i)^2 + mean_i E(x*_i)^2 in float32, differentiable through both: the energy-magnitude
+    term of Du & Mordatch (2019), which keeps the energies' scale from running away. (B, K), (B, K) -> ()"""
+    return energy(logits_nat).square().mean() + energy(logits_adv).square().mean()
+
+
 def _with_der(loss: torch.Tensor, stats: Stats, logits_nat, logits_adv, y, cfg: RunConfig) -> tuple[torch.Tensor, Stats]:
     """loss + der_weight * mean_i DER_i when train.der_weight > 0 (`der` in stats: the batch sum of
-    DER_i); the loss unchanged, the very same tensor, when it is 0."""
+    DER_i), + der_anchor * `energy_anchor` when train.der_anchor > 0 (`energy_anchor` in stats: its
+    value times the batch size, so the epoch mean is the term's mean); the loss unchanged, the very
+    same tensor, when both are 0."""
     t = cfg.train
-    if t.der_weight == 0:
-        return loss, stats
-    der = der_per_example(logits_nat, logits_adv, y, t.der_margin, t.der_grad)
-    return loss + t.der_weight * der.mean(), {**stats, "der": der.detach().sum()}
+    if t.der_weight > 0:
+        der = der_per_example(logits_nat, logits_adv, y, t.der_margin, t.der_grad)
+        loss, stats = loss + t.der_weight * der.mean(), {**stats, "der": der.detach().sum()}
+    if t.der_anchor > 0:
+        anchor = energy_anchor(logits_nat, logits_adv)
+        loss, stats = loss + t.der_anchor * anchor, {**stats, "energy_anchor": anchor.detach() * len(y)}
+    return loss, stats
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,7 +141,7 @@ def _adversarial_ce(model, x, y, cfg: RunConfig, generator, x_adv=None):
     logits_adv = model(x_adv)
     loss = ce(logits_adv, y, cfg)
     stats = {"adv_correct": _correct(logits_adv, y)}
-    if cfg.train.der_weight == 0:
+    if cfg.train.der_weight == 0 and cfg.train.der_anchor == 0:
         return loss, stats
     logits_nat = model(x)
     return _with_der(loss, {**stats, "correct": _correct(logits_nat, y)}, logits_nat, logits_adv, y, cfg)

@@ -631,6 +631,8 @@ def _train_averages(sums: dict[str, torch.Tensor]) -> dict[str, float]:
             out[name] = float(sums[key]) / n
     if "der" in sums:  # train.der_weight > 0: the mean DER term (docs/science.md#der)
         out["der"] = float(sums["der"]) / n
+    if "energy_anchor" in sums:  # train.der_anchor > 0: mean E(x)^2 + mean E(x*)^2
+        out["energy_anchor"] = float(sums["energy_anchor"]) / n
     return out
 
 
