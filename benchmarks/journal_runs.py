@@ -16,7 +16,8 @@ their metrics.jsonl with weatcli.phases):
         per seed (best and last PGD-20, time); pgd-at with and without DER at the same eps (PGD_AT_015:
         no crops, no weight decay, 50 epochs multistep, a long stretch at lr 0.01 after the first decay,
         where robust overfitting would show; on digits it did not).
-  dersweep  DER's lambda and gamma on the CO setting, seed 0 (DER_SWEEP; in the DER tables).
+  dersweep  DER's lambda and gamma on the CO setting, seed 0 (DER_SWEEP), and the preset's energy
+        anchor (ANCHOR_SWEEP); in the DER tables.
   ro    Robust overfitting and the phase-3 detector (with the pgd-at runs of `der`):
         the issue's failure case `--preset digits-pgd-at --epochs 120 --set train.schedule=multistep
         --select energy`; `digits-trades` and `digits-weat` (40 epochs) for false alarms.
@@ -53,6 +54,7 @@ from weatcli.phases import detect_phases, energy_selection, read_metrics  # noqa
 
 PARTS = ("time", "co", "der", "dersweep", "ro")
 DER_SWEEP = [(0.1, 0.0), (0.3, 0.0), (3.0, 0.0), (1.0, 0.5)]  # (lambda, gamma) besides the preset's (1, 0)
+ANCHOR_SWEEP = [0.0003, 0.003, 0.01]  # train.der_anchor besides the preset's 0.001
 TARGET = 0.70  # time to robustness: PGD-20 accuracy of the per-epoch evaluation (eval_n test images)
 DER_BOTH = ["--set", "train.der_grad=both"]  # the default reading; digits-fgsm-rs-der's own is DER_ADV
 DER_ADV = ["--set", "train.der_grad=adversarial"]
@@ -115,6 +117,9 @@ def plan(parts: list[str], seeds: int, *, with_long: bool) -> list[Run]:
                      ["--preset", "digits-fgsm-rs-der", *DER_BOTH, *NO_ANCHOR, "--set", f"train.der_weight={lam:g}",
                       "--set", f"train.der_margin={gamma:g}", "--seed", "0"], f"fgsm-rs + DER (through both, lambda {lam:g}, gamma {gamma:g})")
                  for lam, gamma in DER_SWEEP]
+        runs += [Run(f"dersweep-anchor{mu:g}-s0", "dersweep",
+                     ["--preset", "digits-fgsm-rs-der", "--set", f"train.der_anchor={mu:g}", "--seed", "0"],
+                     f"fgsm-rs + DER (x* only) + anchor {mu:g}") for mu in ANCHOR_SWEEP]
     if "ro" in parts:
         runs += [Run("ro-trades", "ro", ["--preset", "digits-trades", "--select", "energy"], "digits-trades"),
                  Run("ro-weat", "ro", ["--preset", "digits-weat", "--select", "energy"], "digits-weat")]
@@ -400,7 +405,8 @@ def figures(results: list[dict[str, Any]], out: Path, fig_dir: Path) -> list[str
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     names = {r["name"] for r in results}
     plots = [("co-digits.png", ["co-fgsm-rs-s0"]),
-             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-fgsm-rs-der-adv-s0", "der-n-fgsm-s0"]),
+             ("co-der-digits.png", ["co-fgsm-rs-s0", "der-fgsm-rs-der-s0", "der-fgsm-rs-der-adv-s0",
+                                    "der-fgsm-rs-der-anchor-s0", "der-n-fgsm-s0"]),
              ("co-recovery-digits.png", ["co-fgsm-rs-s0", "co-fgsm-rs-s1"])]
     for png, runs in plots:
         if not all(n in names for n in runs):
