@@ -626,13 +626,12 @@ def _train_averages(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     out: dict[str, float] = {"train_loss": float(sums["loss"]) / n}
     if "skipped_batches" in sums:
         out["skipped_batches"] = int(sums["skipped_batches"])
-    for key, name in (("correct", "train_accuracy"), ("adv_correct", "train_adv_accuracy"), ("weight", "mean_weight")):
+    # der: train.der_weight > 0, the mean DER term (docs/science.md#der); energy_anchor: train.der_anchor
+    # > 0, mean E(x)^2 + mean E(x*)^2.
+    for key, name in (("correct", "train_accuracy"), ("adv_correct", "train_adv_accuracy"), ("weight", "mean_weight"),
+                      ("der", "der"), ("energy_anchor", "energy_anchor")):
         if key in sums:
             out[name] = float(sums[key]) / n
-    if "der" in sums:  # train.der_weight > 0: the mean DER term (docs/science.md#der)
-        out["der"] = float(sums["der"]) / n
-    if "energy_anchor" in sums:  # train.der_anchor > 0: mean E(x)^2 + mean E(x*)^2
-        out["energy_anchor"] = float(sums["energy_anchor"]) / n
     return out
 
 
