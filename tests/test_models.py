@@ -16,6 +16,8 @@ INTENDED = [
     ("wrn-34-10", 3, (32,)),
     ("small-cnn", 1, (16,)),
     ("small-cnn", 3, (32,)),
+    ("mlp", 1, (16,)),
+    ("mlp", 3, (16, 32)),
 ]
 
 # Small nets that are cheap to run forward on CPU in several tests.
@@ -121,6 +123,36 @@ def test_small_cnn_wide_is_small_cnn_at_four_times_the_channels():
         assert [b // a for a, b in zip(v.shape, w.shape)] == [4 if a != b else 1 for a, b in zip(v.shape, w.shape)], key
     assert _n_params(wide) == 1_482_634
     assert wide(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_mlp_is_two_hidden_layers_on_the_flattened_16x16_image():
+    torch.manual_seed(0)
+    mlp = build("mlp", num_classes=10, in_channels=1, image_size=16).eval()
+    # 256 -> 1024 -> 1024 -> 10, weights and biases
+    assert _n_params(mlp) == (256 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 10 + 10)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        feats = penultimate(mlp, x)
+        assert feats.shape == (3, 1024) and (feats >= 0).all()  # after a ReLU
+        torch.testing.assert_close(mlp.linear(feats), mlp(x))
+        # A 32x32 image is averaged down to 16x16 first: the same logits as its 2x2-pooled copy.
+        big = torch.rand(3, 1, 32, 32)
+        torch.testing.assert_close(mlp(big), mlp(torch.nn.functional.avg_pool2d(big, 2)))
+
+
+def test_mlp_keeps_its_first_layer_and_classifier_in_fp32_under_autocast():
+    from weatcli.models import keep_ends_in_fp32
+
+    torch.manual_seed(0)
+    mlp = build("mlp", num_classes=10, in_channels=1, image_size=16).eval()
+    keep_ends_in_fp32(mlp)
+    seen = {}
+    mlp.body[0].register_forward_hook(lambda m, i, o: seen.update(first=o.dtype))
+    mlp.body[2].register_forward_hook(lambda m, i, o: seen.update(hidden=o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = mlp(torch.rand(2, 1, 16, 16))
+    assert seen == {"first": torch.float32, "hidden": torch.bfloat16}  # only the ends stay fp32
+    assert logits.dtype == torch.float32
 
 
 def test_build_is_deterministic_given_seed():

@@ -144,7 +144,7 @@ def train(
     dataset: DatasetOpt = None,
     method: Annotated[Optional[str], typer.Option(help="standard, pgd-at, trades, mart, mail-trades, weat-adv (= weat), weat-nat, "
                                                      "fgsm-rs (= fgsm), n-fgsm (= nfgsm).")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="small-cnn, small-cnn-wide, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="small-cnn, small-cnn-wide, mlp, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
@@ -408,7 +408,7 @@ def import_(
     file: Annotated[Path, typer.Argument(
         metavar="FILE", help="PyTorch state dict (.pt/.pth, read with weights_only=True) or a plain .safetensors file.")],
     dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100, svhn, tiny-imagenet or npz:PATH (sets classes and image shape).")],
-    arch: Annotated[Optional[str], typer.Option(help="small-cnn, small-cnn-wide, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10, wrn-28-10-swish, wrn-70-16-swish (or --robustbench).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="small-cnn, small-cnn-wide, mlp, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10, wrn-28-10-swish, wrn-70-16-swish (or --robustbench).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint to write (default: FILE with suffix .weat.safetensors).")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Per-channel mean of a Normalize layer in front of the net, e.g. 0.4914,0.4822,0.4465 (default: none, as in RobustBench).")] = None,
     std: Annotated[Optional[str], typer.Option(help="Per-channel std, with --mean.")] = None,

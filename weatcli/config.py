@@ -131,7 +131,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = Field("small-cnn", description="small-cnn, small-cnn-wide, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10")
+    arch: str = Field("small-cnn", description="small-cnn, small-cnn-wide, mlp, resnet18, resnet18-64, preact-resnet18, wrn-28-10, wrn-34-10")
     mean: list[float] | None = Field(None, description="per-channel mean of the Normalize layer inside the model")
     std: list[float] | None = Field(None, description="per-channel std of the Normalize layer inside the model")
     robustbench_threat: str | None = Field(None, description="arch robustbench:NAME only: the zoo's threat model (Linf, L2, corruptions) of the entry")

@@ -349,6 +349,36 @@ class SmallCNN(nn.Module):
         return self.linear(self.features(x))
 
 
+class MLP(nn.Module):
+    """Two hidden ReLU layers of `width` units on the flattened image, resampled to `side` x `side`
+    first (a no-op on digits' 16x16), ~1.3M parameters at width 1024 on one channel.
+
+    No convolution and no pooling: nothing ties the weights to the image's structure, so it can
+    fit a small training set by rote, the capacity robust overfitting is said to need. On digits it
+    is also the fastest net to train adversarially on a CPU.
+    """
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1, width: int = 1024, side: int = 16):
+        super().__init__()
+        self.side = side
+        self.body = nn.Sequential(
+            nn.Linear(in_channels * side * side, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
+        self.linear = nn.Linear(width, num_classes)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.side, self.side):
+            x = F.adaptive_avg_pool2d(x, self.side)
+        return self.body(x.flatten(1))  # (B, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
@@ -389,6 +419,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "wrn-70-16-swish": _dm_wrn(70, 16),
     "small-cnn": SmallCNN,
     "small-cnn-wide": functools.partial(SmallCNN, width=4),
+    "mlp": MLP,
 }
 
 # Archs whose net normalises its input itself (RobustBench's DMWideResNet): build() hands
@@ -396,7 +427,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 NORMALIZES_INSIDE = frozenset({"wrn-28-10-swish", "wrn-70-16-swish"})
 
 # Smallest square input (pixels) each arch accepts: the stride-8 ResNets/WRNs would pool a
-# single pixel below 8, and the stride-4 small net below 4.
+# single pixel below 8, and the stride-4 small net below 4; the MLP resamples any size to 16x16.
 _MIN_IMAGE_SIZE: dict[str, int] = {
     "resnet18": 8,
     "resnet18-64": 8,
@@ -407,6 +438,7 @@ _MIN_IMAGE_SIZE: dict[str, int] = {
     "wrn-70-16-swish": 8,
     "small-cnn": 4,
     "small-cnn-wide": 4,
+    "mlp": 1,  # any size: resampled to 16x16
 }
 
 
@@ -548,8 +580,9 @@ class _FullPrecisionLinear(nn.Linear):
 
 
 def keep_ends_in_fp32(model: nn.Module) -> nn.Module:
-    """Under bf16/fp16 autocast, run the first convolution and the classifier in fp32, in place:
-    same parameters, same state_dict keys; together well under 1% of a ResNet's FLOPs.
+    """Under bf16/fp16 autocast, run the first convolution (the MLP: its first layer) and the
+    classifier in fp32, in place: same parameters, same state_dict keys; together well under 1% of
+    a ResNet's FLOPs.
 
     Why: bf16 has 8 significant bits. The images fed to the stem are rounded to steps of up to
     2^-8 (swallowing TRADES's x + 0.001 N(0,1) start and blurring small perturbations), and logits
@@ -559,10 +592,14 @@ def keep_ends_in_fp32(model: nn.Module) -> nn.Module:
     both ends in fp32 74.2 / 74.7 / 74.4%.
     """
     net = unwrap(model)
-    stem = next((m for m in net.modules() if type(m) is nn.Conv2d), None)
     head = getattr(net, "classifier", None)
-    if stem is not None:
+    # The stem: the first convolution, or the first linear layer of a net without any (the MLP).
+    stem = next((m for m in net.modules() if type(m) is nn.Conv2d), None) or next(
+        (m for m in net.modules() if type(m) is nn.Linear and m is not head), None)
+    if type(stem) is nn.Conv2d:
         stem.__class__ = _FullPrecisionConv2d
+    elif type(stem) is nn.Linear:
+        stem.__class__ = _FullPrecisionLinear
     if type(head) is nn.Linear:
         head.__class__ = _FullPrecisionLinear
     return model
