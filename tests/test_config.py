@@ -20,6 +20,7 @@ REQUIRED = {
     *(f"cifar10-{m}" for m in ("standard", "pgd-at", "trades", "mart", "mail-trades", "weat-adv", "weat-nat")),
     "cifar100-weat-adv", "svhn-weat-adv", "tinyimagenet-weat-adv", "cifar10-dm-trades", "cifar10-dm-weat",
     *(f"{d}-{m}" for d in ("digits", "cifar10") for m in ("fgsm-rs", "n-fgsm", "fgsm-rs-der")),
+    "cifar10-pgd-at-ro",
 }
 # A preset name may end in a variant suffix after the method: -der (with the Delta Energy
 # Regulariser), -co (set up to show catastrophic overfitting), -ro (robust overfitting).
@@ -66,6 +67,27 @@ def test_dm_presets_hold_the_wang2023_recipe(name, method):
     assert cfg.attack.steps == 10
     # 400 of the reference's 98-step epochs = 39,200 steps; ours are ceil(50000 / (512 - 358)) = 325 steps each.
     assert abs(t.epochs * math.ceil(50_000 / (512 - round(0.7 * 512))) - 400 * math.ceil(50_000 / 512)) < 325
+
+
+def test_ro_preset_holds_the_rice2020_setting():
+    from weatcli.train import lr_at
+
+    cfg = config_mod.load_preset("cifar10-pgd-at-ro")
+    t = cfg.train
+    assert (cfg.model.arch, t.method, t.select, t.epochs, t.batch_size) == ("preact-resnet18", "pgd-at", "energy", 200, 128)
+    assert (t.momentum, t.weight_decay, cfg.data.crop_padding, cfg.data.flip) == (0.9, 5e-4, 4, True)
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
+    assert cfg.attack.steps == 10
+    # Stepped per batch on CIFAR-10's 391 batches: 0.1 through epoch 100, 0.01 through 150, then 0.001.
+    batches = math.ceil(50_000 / t.batch_size)
+    total = t.epochs * batches
+
+    def lr(epoch: int, batch: int) -> float:  # 1-based epoch
+        return lr_at((epoch - 1) * batches + batch, total, cfg)
+
+    assert [lr(1, 0), lr(100, batches - 1)] == pytest.approx([0.1, 0.1])
+    assert [lr(101, 0), lr(150, batches - 1)] == pytest.approx([0.01, 0.01])
+    assert [lr(151, 0), lr(200, batches - 1)] == pytest.approx([0.001, 0.001])
 
 
 @pytest.mark.parametrize(
