@@ -579,6 +579,9 @@ class _FullPrecisionLinear(nn.Linear):
             return super().forward(x.float())
 
 
+_FULL_PRECISION: dict[type, type] = {nn.Conv2d: _FullPrecisionConv2d, nn.Linear: _FullPrecisionLinear}
+
+
 def keep_ends_in_fp32(model: nn.Module) -> nn.Module:
     """Under bf16/fp16 autocast, run the first convolution (the MLP: its first layer) and the
     classifier in fp32, in place: same parameters, same state_dict keys; together well under 1% of
@@ -594,12 +597,9 @@ def keep_ends_in_fp32(model: nn.Module) -> nn.Module:
     net = unwrap(model)
     head = getattr(net, "classifier", None)
     # The stem: the first convolution, or the first linear layer of a net without any (the MLP).
-    stem = next((m for m in net.modules() if type(m) is nn.Conv2d), None) or next(
-        (m for m in net.modules() if type(m) is nn.Linear and m is not head), None)
-    if type(stem) is nn.Conv2d:
-        stem.__class__ = _FullPrecisionConv2d
-    elif type(stem) is nn.Linear:
-        stem.__class__ = _FullPrecisionLinear
-    if type(head) is nn.Linear:
-        head.__class__ = _FullPrecisionLinear
+    convs = [m for m in net.modules() if type(m) is nn.Conv2d]
+    stem = convs[0] if convs else next((m for m in net.modules() if type(m) is nn.Linear and m is not head), None)
+    for layer in (stem, head):
+        if type(layer) in _FULL_PRECISION:
+            layer.__class__ = _FULL_PRECISION[type(layer)]
     return model
